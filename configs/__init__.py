@@ -1,0 +1,1 @@
+"""Worldsmith: configs."""

@@ -1,0 +1,1 @@
+"""Worldsmith: distill."""
