@@ -1,0 +1,143 @@
+"""Input embeddings of the world DiT: noise level, discrete action, latent patches and text tokens."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.attention import MaskSpec, attention
+
+__all__ = [
+    "sinusoidal_features",
+    "TimestepEmbedder",
+    "ActionEmbedder",
+    "patchify",
+    "unpatchify",
+    "PatchEmbed",
+    "TextRefinerBlock",
+    "TextEmbedder",
+]
+
+FREQ_DIM = 256
+
+
+def sinusoidal_features(t: Tensor, dim: int = FREQ_DIM, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features [..., dim] (float32, [cos | sin]) of scalar values t [...]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Noise level sigma in [0, 1] -> [.., hidden]: sinusoidal features of t = 1000 sigma, then an MLP."""
+
+    def __init__(self, hidden: int, scale: float = 1000.0):
+        super().__init__()
+        self.scale = scale
+        self.mlp = nn.Sequential(nn.Linear(FREQ_DIM, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, sigma: Tensor) -> Tensor:
+        return self.mlp(sinusoidal_features(sigma * self.scale))
+
+
+class ActionEmbedder(nn.Module):
+    """Discrete action id [...] (int64 in [0, num_actions)) -> [..., hidden].
+
+    Sinusoidal features of the id, then an MLP whose last layer is zero-initialised, so a freshly
+    added action embedder leaves the time embedding (and the whole network) unchanged.
+    """
+
+    def __init__(self, hidden: int, num_actions: int = 81):
+        super().__init__()
+        self.num_actions = num_actions
+        self.mlp = nn.Sequential(nn.Linear(FREQ_DIM, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, actions: Tensor) -> Tensor:
+        return self.mlp(sinusoidal_features(actions))
+
+
+def patchify(x: Tensor, ph: int, pw: int) -> Tensor:
+    """[B, C, T, H, W] -> tokens [B, T*(H/ph)*(W/pw), C*ph*pw], ordered (t, h, w)."""
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C, T, H // ph, ph, W // pw, pw)
+    return x.permute(0, 2, 3, 5, 1, 4, 6).reshape(B, T * (H // ph) * (W // pw), C * ph * pw)
+
+
+def unpatchify(tokens: Tensor, T: int, h: int, w: int, ph: int, pw: int) -> Tensor:
+    """Inverse of :func:`patchify`: [B, T*h*w, C*ph*pw] -> [B, C, T, h*ph, w*pw]."""
+    B = tokens.shape[0]
+    C = tokens.shape[-1] // (ph * pw)
+    x = tokens.reshape(B, T, h, w, C, ph, pw)
+    return x.permute(0, 4, 1, 2, 5, 3, 6).reshape(B, C, T, h * ph, w * pw)
+
+
+class PatchEmbed(nn.Module):
+    """Linear embedding of (1, ph, pw) latent patches (equivalent to a Conv3d with stride = kernel)."""
+
+    def __init__(self, in_channels: int, hidden: int, ph: int, pw: int):
+        super().__init__()
+        self.ph, self.pw = ph, pw
+        self.proj = nn.Linear(in_channels * ph * pw, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, C_in, T, H, W] -> tokens [B, T*h*w, hidden]."""
+        return self.proj(patchify(x, self.ph, self.pw))
+
+
+class TextRefinerBlock(nn.Module):
+    """Pre-norm self-attention + MLP over text tokens, gated by the pooled-text vector (HunyuanVideo-style)."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, qkv_bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(hidden, eps=1e-6)
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=qkv_bias)
+        self.proj = nn.Linear(hidden, hidden)
+        self.norm2 = nn.LayerNorm(hidden, eps=1e-6)
+        width = int(hidden * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(hidden, width), nn.SiLU(), nn.Linear(width, hidden))
+        self.gates = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        nn.init.zeros_(self.gates[1].weight)
+        nn.init.zeros_(self.gates[1].bias)
+
+    def forward(self, x: Tensor, c: Tensor, spec: MaskSpec, backend: str) -> Tensor:
+        """x [B, L, D], c [B, D] -> [B, L, D]."""
+        B, L, D = x.shape
+        g_attn, g_mlp = self.gates(c)[:, None].chunk(2, dim=-1)
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        a = attention(q, k, v, spec, backend).transpose(1, 2).reshape(B, L, D)
+        x = x + g_attn * self.proj(a)
+        return x + g_mlp * self.mlp(self.norm2(x))
+
+
+class TextEmbedder(nn.Module):
+    """Text tokens [B, L, text_dim] -> [B, L, hidden]: a projection, then refiner blocks.
+
+    The refiner is modulated by an MLP of the mean of the valid input tokens, never by the video's
+    noise level, so the text stream (and its keys/values) can be computed once per prompt.
+    """
+
+    def __init__(self, text_dim: int, hidden: int, heads: int, depth: int, mlp_ratio: float, qkv_bias: bool):
+        super().__init__()
+        self.in_proj = nn.Linear(text_dim, hidden)
+        self.pool = nn.Sequential(nn.Linear(text_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.blocks = nn.ModuleList(TextRefinerBlock(hidden, heads, mlp_ratio, qkv_bias) for _ in range(depth))
+
+    def forward(self, text: Tensor, text_mask: Tensor | None, spec: MaskSpec, backend: str) -> Tensor:
+        if text_mask is None:
+            pooled = text.mean(dim=1)
+        else:
+            w = text_mask.to(text.dtype)[..., None]
+            pooled = (text * w).sum(1) / w.sum(1).clamp_min(1.0)
+        c = self.pool(pooled)
+        x = self.in_proj(text)
+        for blk in self.blocks:
+            x = blk(x, c, spec, backend)
+        return x

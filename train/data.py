@@ -1,0 +1,228 @@
+"""The training data pipeline: clips -> windows of latent frames, resumable and rank-aware.
+
+Each sample is a window of ``num_latents`` latent frames cut from a clip (``1 + stride*(T-1)``
+video frames, ``data.latents`` grouping), centre- or randomly-cropped to the target aspect and
+resized with ``K`` updated, poses rebased to the window's first camera. Per latent it carries the
+pose, the normalised intrinsics and the 81-class action id.
+
+Order and randomness are functions of (seed, epoch, sample index) only, so a run resumed from
+``state_dict()`` sees exactly the batches the uninterrupted run would have seen, whatever the
+number of DataLoader workers. Ranks take disjoint strided slices of each epoch's permutation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from data.actions import MotionThresholds, keys_to_action_id
+from data.geometry import crop_intrinsics, invert_rigid, normalize_intrinsics, rebase_to_first, resize_intrinsics
+from data.indexed import ShardDataset
+from data.latents import latent_action_ids, latent_frame_index, latent_keys_from_frames, num_frames
+
+
+@dataclass
+class DataConfig:
+    """Where clips come from and how they become training windows."""
+
+    path: str = "???"  # dataset directory holding index.json and shards
+    num_latents: int = 8  # latent frames per training window (the curriculum may lengthen clips)
+    height: int = 64  # output frame size after crop + resize
+    width: int = 64
+    crop: str = "center"  # center | random
+    action_source: str = "poses"  # poses: from relative motion (every source) | keys: recorded keys
+    translation_threshold: float = 0.01  # pose -> keys thresholds (research/worldplay.md §3.1)
+    rotation_threshold_deg: float = 0.05
+    batch_size: int = 2  # per rank, per micro-batch
+    num_workers: int = 0
+    shuffle: bool = True
+    window: str = "random"  # random | start: where in a clip the window begins
+    prefetch_factor: int = 2
+
+
+def _seed_for(*parts: int) -> int:
+    """A stable 63-bit seed from integers (independent of Python's hash randomisation)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def crop_resize(video: np.ndarray, K: np.ndarray, height: int, width: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+    """Crop video [F, H, W, 3] to the target aspect (centre, or random if rng) and resize; K [F, 3, 3] follows."""
+    F, H, W, _ = video.shape
+    target = width / height
+    ch, cw = (H, int(round(H * target))) if W / H > target else (int(round(W / target)), W)
+    ch, cw = min(ch, H), min(cw, W)
+    top = (H - ch) // 2 if rng is None else int(rng.integers(0, H - ch + 1))
+    left = (W - cw) // 2 if rng is None else int(rng.integers(0, W - cw + 1))
+    Kt = crop_intrinsics(torch.as_tensor(K, dtype=torch.float64), top, left)
+    Kt = resize_intrinsics(Kt, (ch, cw), (height, width))
+    frames = video[:, top : top + ch, left : left + cw]
+    if (ch, cw) != (height, width):
+        interp = cv2.INTER_AREA if ch > height else cv2.INTER_LINEAR
+        frames = np.stack([cv2.resize(f, (width, height), interpolation=interp) for f in frames])
+    return np.ascontiguousarray(frames), Kt.numpy()
+
+
+class WindowDataset(Dataset):
+    """Map-style dataset of training windows over a shard dataset.
+
+    ``__getitem__((epoch, index))`` is deterministic: the window start and the crop are drawn
+    from a generator seeded by (seed, epoch, index).
+    """
+
+    def __init__(self, clips: ShardDataset, cfg: DataConfig, temporal_stride: int, seed: int = 0):
+        self.clips, self.cfg, self.stride, self.seed = clips, cfg, temporal_stride, seed
+        self.window_frames = num_frames(cfg.num_latents, temporal_stride)
+        short = [i for i, f in enumerate(clips.frame_counts) if f < self.window_frames]
+        if len(short) == len(clips):
+            raise ValueError(
+                f"{clips.root}: every clip is shorter than a window of {cfg.num_latents} latents "
+                f"({self.window_frames} frames at temporal stride {temporal_stride}); longest clip has "
+                f"{max(clips.frame_counts)} frames"
+            )
+        self.valid = [i for i in range(len(clips)) if clips.frame_counts[i] >= self.window_frames]
+        self.thresholds = MotionThresholds(translation=cfg.translation_threshold, rotation_deg=cfg.rotation_threshold_deg)
+
+    def __len__(self) -> int:
+        return len(self.valid)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        rng = np.random.default_rng(_seed_for(self.seed, epoch, index))
+        clip = self.clips[self.valid[index]]
+        return make_window(clip, self.cfg, self.stride, rng, self.thresholds)
+
+
+def make_window(clip: dict, cfg: DataConfig, stride: int, rng: np.random.Generator, thresholds: MotionThresholds) -> dict[str, Any]:
+    """Cut one training window from a contract clip; see the module docstring for the layout.
+
+    Returns video float32 [3, F, H, W] in [-1, 1], c2w/w2c float32 [T, 4, 4], K float32 [T, 3, 3]
+    (normalised), K_pixels [T, 3, 3], actions int64 [T], caption str, key str.
+    """
+    F_win = num_frames(cfg.num_latents, stride)
+    F = clip["video"].shape[0]
+    start = 0 if cfg.window == "start" else int(rng.integers(0, F - F_win + 1))
+    sl = slice(start, start + F_win)
+    video, K = crop_resize(np.asarray(clip["video"][sl]), np.asarray(clip["K"][sl]), cfg.height, cfg.width, rng if cfg.crop == "random" else None)
+    c2w_frames = rebase_to_first(torch.as_tensor(np.asarray(clip["c2w"][sl]), dtype=torch.float64))
+    idx = latent_frame_index(F_win, stride)
+    c2w = c2w_frames[idx]
+    if cfg.action_source == "keys":
+        actions = keys_to_action_id(latent_keys_from_frames(torch.as_tensor(np.asarray(clip["keys"][sl])), stride))
+    elif cfg.action_source == "poses":
+        actions = latent_action_ids(c2w, thresholds)
+    else:
+        raise ValueError(f"data.action_source must be 'poses' or 'keys', got {cfg.action_source!r}")
+    K_lat = torch.as_tensor(K[idx.numpy()], dtype=torch.float64)
+    return {
+        "video": torch.from_numpy(video).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0),
+        "c2w": c2w.float(),
+        "w2c": invert_rigid(c2w).float(),
+        "K": normalize_intrinsics(K_lat, cfg.width, cfg.height).float(),
+        "K_pixels": K_lat.float(),
+        "actions": actions.long(),
+        "caption": clip.get("caption", ""),
+        "key": str(clip.get("__key__", "")),
+    }
+
+
+def collate_windows(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors, keep strings as lists."""
+    out: dict[str, Any] = {}
+    for k in samples[0]:
+        vals = [s[k] for s in samples]
+        out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+    return out
+
+
+class EpochSampler(Sampler):
+    """Batches of (epoch, index) keys for one rank, starting after ``skip`` batches of ``epoch``."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int, shuffle: bool, epoch: int, skip: int):
+        self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.shuffle, self.epoch, self.skip = shuffle, epoch, skip
+        self.batches_per_epoch = (n // world) // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"dataset of {n} windows is too small for {world} rank(s) x batch {batch_size}")
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.skip
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(_seed_for(self.seed, self.epoch))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        mine = order[self.rank :: self.world][: self.batches_per_epoch * self.bs]
+        for b in range(self.skip, self.batches_per_epoch):
+            yield [(self.epoch, i) for i in mine[b * self.bs : (b + 1) * self.bs]]
+
+
+class TrainLoader:
+    """An endless, resumable iterator of collated batches for one rank.
+
+    ``state_dict()`` records (epoch, batches consumed in it); a loader restored from it yields the
+    same batches as the original would have from that point on.
+    """
+
+    def __init__(self, dataset: WindowDataset, cfg: DataConfig, seed: int, rank: int = 0, world: int = 1):
+        self.ds, self.cfg, self.seed, self.rank, self.world = dataset, cfg, seed, rank, world
+        self.epoch, self.consumed = 0, 0
+        self._it: Iterator | None = None
+
+    def _make_iter(self) -> Iterator:
+        sampler = EpochSampler(len(self.ds), self.cfg.batch_size, self.seed, self.rank, self.world, self.cfg.shuffle, self.epoch, self.consumed)
+        kw: dict[str, Any] = {}
+        if self.cfg.num_workers > 0:
+            kw = {"num_workers": self.cfg.num_workers, "prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
+        return iter(DataLoader(self.ds, batch_sampler=sampler, collate_fn=collate_windows, **kw))
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return (len(self.ds) // self.world) // self.cfg.batch_size
+
+    def __iter__(self) -> "TrainLoader":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.consumed >= self.batches_per_epoch:
+            self.epoch, self.consumed, self._it = self.epoch + 1, 0, None
+        if self._it is None:
+            self._it = self._make_iter()
+        batch = next(self._it)
+        self.consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "world": self.world}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("world", self.world) != self.world:
+            # A different rank count changes each rank's slice; keep the epoch, restart its batches.
+            self.epoch, self.consumed = int(state["epoch"]), 0
+        else:
+            self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self._it = None
+
+
+def build_train_loader(cfg: DataConfig, temporal_stride: int, seed: int, rank: int = 0, world: int = 1) -> TrainLoader:
+    """The loader every stage uses: shard dataset -> windows -> resumable batches."""
+    clips = ShardDataset(cfg.path)
+    return TrainLoader(WindowDataset(clips, cfg, temporal_stride, seed), cfg, seed, rank, world)
+
+
+def tokens_per_sample(cfg: DataConfig, spatial_stride: int, patch: list[int] | tuple[int, ...] = (1, 1, 1)) -> int:
+    """Video tokens the DiT sees per window (for tokens/s reporting)."""
+    return cfg.num_latents // patch[0] * math.ceil(cfg.height / spatial_stride / patch[1]) * math.ceil(cfg.width / spatial_stride / patch[2])
+
+
+__all__ = ["DataConfig", "WindowDataset", "TrainLoader", "build_train_loader", "make_window", "crop_resize", "collate_windows", "tokens_per_sample"]
