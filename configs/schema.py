@@ -68,3 +68,24 @@ def register_configs() -> None:
         cs.store(group="dist", name=backend, node=DistConfig(backend=backend))
     cs.store(group="logger", name="default", node=LoggerConfig())
     cs.store(group="logger", name="wandb_online", node=LoggerConfig(wandb=True, wandb_mode="online"))
+
+
+def check_known_keys(cfg: Any, path: str = "") -> None:
+    """Raise if a typed node holds a key its dataclass does not declare (``+optim.lrr=1`` gets past Hydra)."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(cfg, DictConfig):
+        return
+    typ = OmegaConf.get_type(cfg)
+    if dataclasses.is_dataclass(typ):
+        known = {f.name for f in dataclasses.fields(typ)}
+        unknown = sorted(set(cfg.keys()) - known)
+        if unknown:
+            where = path or "<root>"
+            raise KeyError(f"config key '{path + '.' if path else ''}{unknown[0]}' is not in {typ.__name__} (at '{where}'); known keys: {sorted(known)}")
+    for key in cfg.keys():
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig):
+            check_known_keys(node, f"{path}.{key}" if path else str(key))

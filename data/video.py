@@ -31,15 +31,19 @@ _X264_VUI = "colorprim=smpte170m:transfer=smpte170m:colormatrix=smpte170m:range=
 
 
 class VideoError(ValueError):
-    """Frames that cannot be encoded, or bytes/files that cannot be decoded as video."""
+    """Frames that cannot be encoded, or bytes/files that cannot be decoded; names ``where``."""
+
+    def __init__(self, where: str, problem: str):
+        self.where, self.problem = where, problem
+        super().__init__(f"{where}: {problem}")
 
 
 def _check_frames(frames: np.ndarray, where: str) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise VideoError(f"{where}: expected frames uint8 [F, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+        raise VideoError(where, f"expected frames uint8 [F, H, W, 3], got {frames.dtype} {list(frames.shape)}")
     if frames.shape[0] < 1 or frames.shape[1] < 1 or frames.shape[2] < 1:
-        raise VideoError(f"{where}: frames must be non-empty, got shape {list(frames.shape)}")
+        raise VideoError(where, f"frames must be non-empty, got shape {list(frames.shape)}")
     return frames
 
 
@@ -51,32 +55,35 @@ def _pad_even(frames: np.ndarray) -> np.ndarray:
     return np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge")
 
 
-def _encode(target: str | io.BytesIO, frames: np.ndarray, fps: float, crf: int, preset: str) -> None:
+def _encode(target: str | io.BytesIO, frames: np.ndarray, fps: float, crf: int, preset: str, where: str) -> None:
     if not (fps > 0 and np.isfinite(fps)):
-        raise VideoError(f"fps must be positive, got {fps}")
+        raise VideoError(where, f"fps must be positive, got {fps}")
     if not 0 <= crf <= 51:
-        raise VideoError(f"crf must be in [0, 51] for H.264, got {crf}")
+        raise VideoError(where, f"crf must be in [0, 51] for H.264, got {crf}")
     F, H, W = frames.shape[:3]
     padded = _pad_even(frames)
-    with av.open(target, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height = padded.shape[2], padded.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(int(crf)), "preset": preset, "x264-params": _X264_VUI}
-        if padded.shape[1:3] != (H, W):
-            container.metadata["comment"] = _SIZE_TAG.format(w=W, h=H)
-        for frame in padded:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+    try:
+        with av.open(target, mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height = padded.shape[2], padded.shape[1]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(int(crf)), "preset": preset, "x264-params": _X264_VUI}
+            if padded.shape[1:3] != (H, W):
+                container.metadata["comment"] = _SIZE_TAG.format(w=W, h=H)
+            for frame in padded:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():  # flush delayed (B-)frames
                 container.mux(packet)
-        for packet in stream.encode():  # flush delayed (B-)frames
-            container.mux(packet)
+    except av.FFmpegError as exc:
+        raise VideoError(where, f"H.264 encoding failed: {exc}") from exc
 
 
 def encode_mp4_bytes(frames: np.ndarray, fps: float = 16.0, crf: int = 18, *, preset: str = "veryfast") -> bytes:
     """Encode frames uint8 [F, H, W, 3] to an in-memory H.264 MP4 (for shards)."""
     frames = _check_frames(frames, "encode_mp4_bytes")
     buf = io.BytesIO()
-    _encode(buf, frames, fps, crf, preset)
+    _encode(buf, frames, fps, crf, preset, "encode_mp4_bytes")
     return buf.getvalue()
 
 
@@ -86,14 +93,14 @@ def write_mp4(
     """Write frames uint8 [F, H, W, 3] to ``path`` as H.264 MP4 (parent directories are created)."""
     frames = _check_frames(frames, str(path))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    _encode(str(path), frames, fps, crf, preset)
+    _encode(str(path), frames, fps, crf, preset, str(path))
 
 
 def _decode(source: str | io.BytesIO, where: str) -> np.ndarray:
     try:
         with av.open(source, mode="r") as container:
             if not container.streams.video:
-                raise VideoError(f"{where}: no video stream")
+                raise VideoError(where, "no video stream")
             stream = container.streams.video[0]
             ctx = stream.codec_context
             if ctx.width * ctx.height >= _THREADED_DECODE_PIXELS:
@@ -103,9 +110,9 @@ def _decode(source: str | io.BytesIO, where: str) -> np.ndarray:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
             size = _SIZE_RE.search(str(container.metadata.get("comment", "")))
     except (av.FFmpegError, EOFError) as exc:
-        raise VideoError(f"{where}: cannot decode video: {exc}") from exc
+        raise VideoError(where, f"cannot decode video: {exc}") from exc
     if not frames:
-        raise VideoError(f"{where}: video has no frames")
+        raise VideoError(where, "video has no frames")
     video = np.stack(frames)
     if size is not None:
         w, h = int(size.group(1)), int(size.group(2))
@@ -132,10 +139,10 @@ def write_png_strip(path: str | os.PathLike, frames: np.ndarray, num: int = 8) -
     """Save ``num`` evenly spaced frames side by side as one PNG [H, n*W, 3] (n = min(num, F)), for previews."""
     frames = _check_frames(frames, str(path))
     if num < 1:
-        raise VideoError(f"{path}: num must be >= 1, got {num}")
+        raise VideoError(str(path), f"num must be >= 1, got {num}")
     n = min(num, frames.shape[0])
     idx = np.linspace(0, frames.shape[0] - 1, n).round().astype(int)
     strip = np.concatenate(list(frames[idx]), axis=1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), cv2.cvtColor(strip, cv2.COLOR_RGB2BGR)):
-        raise VideoError(f"{path}: cv2.imwrite failed (is the extension .png and the directory writable?)")
+        raise VideoError(str(path), "cv2.imwrite failed (is the extension .png and the directory writable?)")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data.geometry import invert_rigid, is_rigid, make_pose, rebase_to_first
+from data.geometry import is_rigid, make_pose, rebase_to_first
 
 __all__ = [
     "PoseEstimatorConfig",
@@ -192,13 +192,20 @@ def _pose_from_essential(E: np.ndarray, x1: np.ndarray, x2: np.ndarray) -> tuple
 
 def _two_view(p1: np.ndarray, p2: np.ndarray, K1: np.ndarray, K2: np.ndarray, cfg: PoseEstimatorConfig) -> dict:
     """Relative pose of one matched pair in OpenCV form (X2 = R X1 + t) plus diagnostics, or a failure reason."""
+    try:
+        return _solve_two_view(p1, p2, K1, K2, cfg)
+    except (cv2.error, np.linalg.LinAlgError) as err:  # degenerate point sets can trip OpenCV's solvers
+        return {"reason": f"two-view solver failed: {str(err).strip().splitlines()[-1]}"}
+
+
+def _solve_two_view(p1: np.ndarray, p2: np.ndarray, K1: np.ndarray, K2: np.ndarray, cfg: PoseEstimatorConfig) -> dict:
     n = len(p1)
     if n < cfg.min_matches:
         return {"reason": f"too few matches ({n} < {cfg.min_matches})"}
     x1, x2 = _normalized(p1, K1), _normalized(p2, K2)
     focal = float(np.mean([K1[0, 0], K1[1, 1], K2[0, 0], K2[1, 1]]))
     thr = cfg.ransac_px / focal
-    E, emask = cv2.findEssentialMat(x1, x2, np.eye(3), method=cv2.RANSAC, prob=cfg.confidence, threshold=thr)
+    E, emask = cv2.findEssentialMat(x1, x2, np.eye(3), method=cv2.USAC_ACCURATE, prob=cfg.confidence, threshold=thr)
     emask = np.zeros(n, bool) if emask is None else emask.ravel().astype(bool)
     H, hmask = cv2.findHomography(x1, x2, cv2.RANSAC, thr, confidence=cfg.confidence)
     hmask = np.zeros(n, bool) if hmask is None else hmask.ravel().astype(bool)
@@ -209,7 +216,8 @@ def _two_view(p1: np.ndarray, p2: np.ndarray, K1: np.ndarray, K2: np.ndarray, cf
         support = hmask | emask
         parallax = float(np.median(_rotation_residual(R_rot, x1[support], x2[support]))) * focal
         if parallax < cfg.min_parallax_px:
-            return {"R": R_rot, "t": np.zeros(3), "baseline": 0.0, "translated": False, "parallax": parallax, "inliers": int(hmask.sum())}
+            inl = int(hmask.sum())
+            return {"R": R_rot, "t": np.zeros(3), "baseline": 0.0, "translated": False, "parallax": parallax, "inliers": inl}
 
     if E is None or E.shape[0] < 3 or emask.sum() < cfg.min_matches:
         return {"reason": f"essential matrix estimation failed ({int(emask.sum())} RANSAC inliers of {n} matches)"}
@@ -272,7 +280,8 @@ def estimate_relative_poses(
         inliers[n] = res["inliers"]
         ok[n] = True
         translated[n] = res["translated"]
-    return TwoViewPoses(mode, torch.tensor(pairs, dtype=torch.int64).reshape(N, 2), R, t_unit, baseline, ok, translated, parallax, inliers, reasons)
+    pair_ids = torch.tensor(pairs, dtype=torch.int64).reshape(N, 2)
+    return TwoViewPoses(mode, pair_ids, R, t_unit, baseline, ok, translated, parallax, inliers, reasons)
 
 
 def estimate_trajectory(
@@ -305,7 +314,8 @@ def fit_scale(est: Tensor, ref: Tensor) -> float:
 
 
 def _nan_errors(num_frames: int, reason: str) -> dict[str, float | int | str]:
-    return {"R_dist_deg": math.nan, "T_dist": math.nan, "T_dist_rel": math.nan, "scale": math.nan, "num_frames": num_frames, "reason": reason}
+    nan = math.nan
+    return {"R_dist_deg": nan, "T_dist": nan, "T_dist_rel": nan, "scale": nan, "num_frames": num_frames, "reason": reason}
 
 
 def camera_errors(c2w_est: Tensor, c2w_ref: Tensor, align_scale: bool = True) -> dict[str, float | int | str]:

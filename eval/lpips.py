@@ -182,7 +182,9 @@ class LPIPS(nn.Module):
         cfg = self.config
         lin_path = Path(cfg.linear_path) if cfg.linear_path else default_linear_path()
         if lin_path is None:
-            self.reason = "lpips linear weights not found: the lpips package is not installed (pip install --no-deps lpips==0.1.4)"
+            self.reason = (
+                "lpips linear weights not found: the lpips package is not installed (pip install --no-deps lpips==0.1.4)"
+            )
             return
         if not lin_path.is_file():
             self.reason = f"lpips linear weights not found at {lin_path}"

@@ -20,7 +20,7 @@ Backends and where they run:
             mask (which excludes the cuDNN/flash kernels). CPU and GPU.
 ``flex``    ``flex_attention`` with a ``BlockMask`` built once per spec (and reused by every layer
             and every step that shares the spec). Compiled on CUDA; on CPU it runs unfused (eager),
-            which is slow but exact: the tests use it as a cross-check. CPU and GPU.
+            forward only (torch has no flex backward on CPU): the tests use it as a cross-check.
 ``flash``   ``flash_attn.flash_attn_func`` over key prefixes, when the package is importable
             (bf16/fp16 only, no key padding). GPU.
 ``masked``  SDPA with a dense boolean mask [B, 1, Sq, Sk]. Reference-grade; CPU default.

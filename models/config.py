@@ -38,27 +38,27 @@ class WorldDiTConfig:
 
 
 PRESETS: dict[str, WorldDiTConfig] = {
-    # ~0.4M parameters: the same code as hy15 at a size that runs a forward in milliseconds on CPU.
+    # 0.43M parameters: the same code as hy15 at a size that runs a forward in milliseconds on CPU.
     "tiny": WorldDiTConfig(),
-    # ~150M parameters: single-GPU research runs on the synthetic world / ViZDoom.
+    # 161M parameters: single-GPU research runs on the synthetic world / ViZDoom.
     "small": WorldDiTConfig(
         latent_channels=16, hidden=640, depth=10, heads=10, head_dim=64, rope_dims=[16, 24, 24],
         text_dim=768, text_refiner_depth=1,
     ),
-    # ~1.3B parameters: a Wan-1.3B-sized model for multi-GPU pretraining from scratch.
+    # 1.31B parameters: a Wan-1.3B-sized model for multi-GPU pretraining from scratch.
     "base": WorldDiTConfig(
         latent_channels=32, hidden=1536, depth=14, heads=12, head_dim=128, rope_dims=[32, 48, 48],
         text_dim=3584, text_refiner_depth=2,
     ),
     # HunyuanVideo-1.5 480p I2V as used by WorldPlay: 54 double blocks, hidden 2048, 16 x 128 heads,
     # RoPE [16, 56, 56], 65 input channels (2 x 32 + 1), patch 1, MLP x4 GELU-tanh, Qwen2.5-VL text (3584).
-    # Parameter count (meta device, tests/test_dit.py): ~8.30B without the WorldPlay additions, i.e.
+    # Parameter count (meta device, tests/test_dit.py): 8.307B without the WorldPlay additions, i.e.
     # 54 x 151.0M double blocks (two streams of AdaLN 6x, QKV, proj, MLP) + a 136M text embedder
     # (3584->2048 projection, pooled-text MLP, 2 refiner blocks) + patch/time embedders and final layer.
     # HunyuanVideo-1.5 has 8.33B: its ByT5 glyph mapper (11M) and SigLIP projection (4M) are not separate
     # modules here, since all text-like tokens arrive in one ``text_dim`` stream. The WorldPlay additions
     # are ~0.23B: the action embedder (256->2048->2048, 4.7M) and 54 PRoPE output projections
-    # (2048^2 + 2048 each, 226.6M).
+    # (2048^2 + 2048 each, 226.6M): 8.538B in all.
     "hy15": WorldDiTConfig(
         latent_channels=32, hidden=2048, depth=54, heads=16, head_dim=128, rope_dims=[16, 56, 56],
         text_dim=3584, text_refiner_depth=2,

@@ -42,7 +42,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(FREQ_DIM, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, sigma: Tensor) -> Tensor:
-        return self.mlp(sinusoidal_features(sigma * self.scale))
+        return self.mlp(sinusoidal_features(sigma * self.scale).to(self.mlp[0].weight.dtype))
 
 
 class ActionEmbedder(nn.Module):
@@ -60,7 +60,7 @@ class ActionEmbedder(nn.Module):
         nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, actions: Tensor) -> Tensor:
-        return self.mlp(sinusoidal_features(actions))
+        return self.mlp(sinusoidal_features(actions).to(self.mlp[0].weight.dtype))
 
 
 def patchify(x: Tensor, ph: int, pw: int) -> Tensor:
@@ -87,8 +87,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Linear(in_channels * ph * pw, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [B, C_in, T, H, W] -> tokens [B, T*h*w, hidden]."""
-        return self.proj(patchify(x, self.ph, self.pw))
+        """x [B, C_in, T, H, W] -> tokens [B, T*h*w, hidden] (in the weights' dtype)."""
+        return self.proj(patchify(x.to(self.proj.weight.dtype), self.ph, self.pw))
 
 
 class TextRefinerBlock(nn.Module):
@@ -131,6 +131,7 @@ class TextEmbedder(nn.Module):
         self.blocks = nn.ModuleList(TextRefinerBlock(hidden, heads, mlp_ratio, qkv_bias) for _ in range(depth))
 
     def forward(self, text: Tensor, text_mask: Tensor | None, spec: MaskSpec, backend: str) -> Tensor:
+        text = text.to(self.in_proj.weight.dtype)
         if text_mask is None:
             pooled = text.mean(dim=1)
         else:

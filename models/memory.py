@@ -168,7 +168,7 @@ def _points_on(key: tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
 
 
 def fov_overlap(c2w_query: Tensor, c2w_ref: Tensor, cfg: MemoryConfig) -> Tensor:
-    """Overlap ov(q, r) [..., Q, R] of query cameras [..., Q, 4, 4] with reference cameras [..., R, 4, 4].
+    """Overlap ov(q, r) [..., Q, R] (float32) of query cameras [..., Q, 4, 4] with reference cameras [..., R, 4, 4].
 
     Fraction of the query's visible points (ball of radius distance_cut around q) that r also sees
     within distance_cut of its centre. Vectorised over batch, queries, references and points.
@@ -188,7 +188,7 @@ def fov_overlap(c2w_query: Tensor, c2w_ref: Tensor, cfg: MemoryConfig) -> Tensor
     d_el = el - fwd_el.unsqueeze(-1)  # both in [-90, 90]: no wrap needed
     seen = (d_az.abs() < cfg.fov_deg[0] / 2) & (d_el.abs() < cfg.fov_deg[1] / 2)
     seen = seen & (v.norm(dim=-1) < cfg.distance_cut)
-    return seen.to(c2w_query.dtype).mean(dim=-1)
+    return seen.float().mean(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------

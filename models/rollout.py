@@ -245,12 +245,17 @@ class Rollout:
         self.model = model
         self.cfg = cfg
         self.noise_fn = noise_fn or gaussian_noise
+        self._sigmas: dict[torch.device, Tensor] = {}
 
     # ------------------------------------------------------------------ schedule
     def sigmas(self, device: torch.device | str | None = None) -> Tensor:
-        """The σ schedule [n + 1] (float32), from 1 down to 0."""
-        s = distilled_sigmas() if self.cfg.schedule == "distilled" else inference_sigmas(self.cfg.steps, self.cfg.shift)
-        return s.to(device)
+        """The σ schedule [n + 1] (float32), from 1 down to 0; copied to each device once."""
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if dev not in self._sigmas:
+            cfg = self.cfg
+            s = distilled_sigmas() if cfg.schedule == "distilled" else inference_sigmas(cfg.steps, cfg.shift)
+            self._sigmas[dev] = s.to(dev)
+        return self._sigmas[dev]
 
     @property
     def num_steps(self) -> int:
@@ -307,6 +312,14 @@ class Rollout:
         if latents.shape[1] != state.latents.shape[1] or latents.shape[3:] != state.latents.shape[3:]:
             raise ValueError(f"extend: latents {tuple(latents.shape)} do not match the history {tuple(state.latents.shape)}")
         self._append(state, latents, actions, w2c, K)
+
+    def set_prompt(
+        self, state: RolloutState, text: Tensor | None, text_mask: Tensor | None = None,
+        neg_text: Tensor | None = None, neg_text_mask: Tensor | None = None,
+    ) -> None:
+        """Switch the prompt mid-stream (promptable events): text K/V are re-cached at the next chunk."""
+        state.text, state.text_mask, state.neg_text, state.neg_text_mask = text, text_mask, neg_text, neg_text_mask
+        state.caches.clear()
 
     def context(self, state: RolloutState, actions: Tensor, w2c: Tensor, K: Tensor) -> ChunkContext:
         """Select and reframe the memory for the next ``unit`` latents and fill the caches (ar) once.
@@ -404,8 +417,7 @@ class Rollout:
         if grad_step is not None and grad_step > exit_step:
             raise ValueError(f"grad_step={grad_step} comes after exit_step={exit_step}: no call would keep gradients")
 
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.detach_context):
-            ctx = self.context(state, actions, w2c, K)
+        ctx = self.context(state, actions, w2c, K)
         ref = state.latents
         B, C, _, h, w = ref.shape
         L = actions.shape[1]
@@ -416,7 +428,6 @@ class Rollout:
         )
         x = noise(0)
         xs, vs, x0s = [], [], []
-        x0 = x
         for k in range(exit_step + 1):
             with torch.set_grad_enabled(keep_grad or (grad_step is not None and k >= grad_step)):
                 v = self.velocity(state, ctx, x, sig[k])

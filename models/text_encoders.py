@@ -138,7 +138,7 @@ class HFTextEncoder(TextEncoder):
         torch_dtype = parse_dtype(dtype, "text_encoder.dtype")
         config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
         model_cls = getattr(transformers, _T5_ENCODERS.get(config.model_type, "AutoModel"))
-        model = model_cls.from_pretrained(model_dir, torch_dtype=torch_dtype, local_files_only=True)
+        model = model_cls.from_pretrained(model_dir, dtype=torch_dtype, local_files_only=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
         return cls(tokenizer, model, max_length=max_length, layer=layer)
 

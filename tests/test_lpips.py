@@ -58,7 +58,7 @@ def test_trunk_state_dict_has_torchvision_layout() -> None:
     assert {k: tuple(v.shape) for k, v in sd.items()} == expected
     # A full torchvision state dict (ImageNet head included) loads; its classifier is ignored.
     g = torch.Generator().manual_seed(1)
-    full = {k: (torch.randn(s, generator=g) if k.startswith("features.") else torch.empty(s)) for k, s in TORCHVISION_ALEXNET.items()}
+    full = {k: torch.randn(s, generator=g) if k.startswith("features.") else torch.empty(s) for k, s in TORCHVISION_ALEXNET.items()}
     trunk = AlexNetFeatures()
     load_alexnet_trunk(trunk, full, "torchvision-like")
     for k, v in trunk.state_dict().items():
@@ -126,14 +126,16 @@ def test_matches_reference_lpips_package(no_trunk: Path, monkeypatch: pytest.Mon
     """The reference implementation, fed the same trunk modules, gives the same distances."""
     ours = _random_lpips()
     fake_models = types.ModuleType("torchvision.models")
-    fake_models.alexnet = lambda pretrained=False, **_: types.SimpleNamespace(features=ours.trunk.features)  # type: ignore[attr-defined]
+    trunk = types.SimpleNamespace(features=ours.trunk.features)  # what torchvision.models.alexnet() would expose
+    fake_models.alexnet = lambda pretrained=False, **_: trunk  # type: ignore[attr-defined]
     fake_tv = types.ModuleType("torchvision")
     fake_tv.models = fake_models  # type: ignore[attr-defined]
     fake_ndimage = types.ModuleType("scipy.ndimage")
     fake_ndimage.zoom = None  # type: ignore[attr-defined]  # only imported by lpips.trainer
     fake_scipy = types.ModuleType("scipy")
     fake_scipy.ndimage = fake_ndimage  # type: ignore[attr-defined]
-    for name, mod in {"torchvision": fake_tv, "torchvision.models": fake_models, "scipy": fake_scipy, "scipy.ndimage": fake_ndimage}.items():
+    stubs = {"torchvision": fake_tv, "torchvision.models": fake_models, "scipy": fake_scipy, "scipy.ndimage": fake_ndimage}
+    for name, mod in stubs.items():
         monkeypatch.setitem(sys.modules, name, mod)
     before = set(sys.modules)
     try:

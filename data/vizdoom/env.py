@@ -15,9 +15,9 @@ against rendered frames (tests/test_vizdoom.py, data/README.md):
 - **Pitch.** The software renderer looks up and down by shearing (moving the horizon row), which
   is a principal-point shift, not a camera rotation. We never press look keys and check that the
   pitch stays 0, so every recorded pose is a true pinhole camera with the intrinsics below.
-- **Intrinsics.** ZDoom keeps the horizontal FOV (90 deg) for a 4:3 screen and widens it for
-  screens it classifies as wide ("Hor+"); pixels are not square: the vertical focal length is
-  ``0.8 * H`` (Doom's 320x200 aspect correction), see :func:`doom_intrinsics`.
+- **Intrinsics.** The 90 deg horizontal FOV is defined for a 4:3 screen; ViZDoom 1.3 keeps the
+  vertical FOV for every render size and scales the horizontal one with the true aspect ratio
+  ("Hor+"): ``fx = 2H/3``, ``fy = 0.8H`` (tall pixels, fy = 1.2 fx), see :func:`doom_intrinsics`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -42,7 +42,6 @@ __all__ = [
     "EpisodeEnded",
     "DoomEnv",
     "doom_c2w",
-    "zdoom_aspect_class",
     "doom_intrinsics",
     "render_resolutions",
     "choose_render_resolution",
@@ -53,15 +52,13 @@ __all__ = [
 
 TICRATE = 35  # Doom game tics per second
 VIEW_FOV_DEG = 90.0
+DOOM_PIXEL_ASPECT = 1.2  # fy / fx: Doom's pixels are 20% taller than wide
 DEPTH_MAP_UNITS_PER_STEP = 8.0  # ViZDoom's 8-bit depth buffer: one step is ~8 map units (measured)
 FREEDOOM_MAPS = {
     "freedoom2": tuple(f"MAP{i:02d}" for i in range(1, 33)),
     "freedoom1": tuple(f"E{e}M{m}" for e in range(1, 5) for m in range(1, 10)),
 }
 _RES_RE = re.compile(r"^RES_(\d+)X(\d+)$")
-# ZDoom's BaseRatioSizes[ratio][3]: the 4:3-equivalent width is W * mult / 48.
-_WIDTH_MULT_48 = {"4:3": 48, "16:9": 36, "16:10": 40}
-_FINEANGLES = 8192
 _DOOM_FRICTION = 0xE800 / 0x10000  # velocity kept per tic on normal floors
 
 
@@ -74,7 +71,7 @@ class DoomConfig:
     """How the engine renders and how held keys drive the player."""
 
     wad: str = "freedoom2"  # freedoom1 | freedoom2 (ship with vizdoom) or a path to an IWAD
-    map: str | None = None  # None: a random map of the WAD for every episode
+    map: Optional[str] = None  # None: a random map of the WAD for every episode
     width: int = 320  # stored frame size (frames are rendered at a native size, cropped and resized)
     height: int = 240
     tics_per_frame: int = 2  # 35 / 2 = 17.5 frames per second
@@ -83,6 +80,7 @@ class DoomConfig:
     map_units_per_unit: float = 64.0  # scene unit = one Doom floor tile
     monsters: bool = False
     skill: int = 3  # 1..5, only matters with monsters
+    square_pixels: bool = False  # crop so that stored frames have fx = fy (narrower view), else keep Doom's tall pixels
     depth: bool = True  # render the 8-bit depth buffer (agents steer with it; never stored as metric depth)
 
 
@@ -114,80 +112,62 @@ def doom_c2w(position: Tensor | np.ndarray, angle_deg: Tensor | np.ndarray | flo
     return out
 
 
-def zdoom_aspect_class(width: int, height: int) -> str:
-    """ZDoom's screen classification (v_video.cpp CheckRatio): '4:3', '16:9', '16:10' or '5:4'.
-
-    It is by pixel counts, not the true ratio: 160x120, 200x150 and 256x192 count as 16:10.
-    """
-    if abs(height * 16 // 9 - width) < 10:
-        return "16:9"
-    if abs(height * 16 // 10 - width) < 60:
-        return "4:3" if (width, height) in ((320, 200), (640, 400)) else "16:10"
-    if height * 5 // 4 == width:
-        return "5:4"
-    return "4:3"
-
-
 def doom_intrinsics(width: int, height: int, fov_deg: float = VIEW_FOV_DEG) -> Tensor:
-    """K [3, 3] (float64, pixels) of ZDoom's software renderer at a native screen size.
+    """K [3, 3] (float64, pixels) of ViZDoom's software renderer at a native ``width`` x ``height``.
 
-    Follows r_utility.cpp/r_main.cpp: ``fov_deg`` spans a 4:3-equivalent width ``W * m`` (m = 1,
-    3/4, 5/6 for 4:3, 16:9, 16:10); the real horizontal half-angle is atan(1 / (m tan(fov/2))),
-    quantised to Doom's 8192 fine angles; ``fy = fx * 320 H / (200 W m)`` (~0.8 H).
+    ``fov_deg`` is the horizontal FOV of a 4:3 screen; other aspect ratios keep the vertical FOV
+    and widen or narrow the horizontal one ("Hor+"), so ``fx = 2 H / (3 tan(fov/2))`` for every
+    size. Doom draws tall pixels (its 320x200 mode was shown at 4:3), so ``fy = 1.2 fx``.
+    At fov 90: fx = 2H/3, fy = 0.8H, vertical FOV 64.0 deg. Fitted to rendered frames (README).
     """
-    cls = zdoom_aspect_class(width, height)
-    if cls not in _WIDTH_MULT_48:
-        raise ValueError(f"render size {width}x{height}: ZDoom aspect class {cls} is not supported (pick a 4:3, 16:9 or 16:10 size)")
-    mult = _WIDTH_MULT_48[cls]
-    centerx = width // 2
-    centerxwide = centerx * mult // 48
-    fov_fine = int(fov_deg * _FINEANGLES / 360.0)
-    if centerxwide != centerx:  # widen so that the 4:3 middle keeps the requested FOV
-        fov_fine = int(math.atan(centerx * math.tan(fov_fine * math.pi / _FINEANGLES) / centerxwide) * _FINEANGLES / math.pi)
-    focal_tangent = math.tan((fov_fine // 2) * 2.0 * math.pi / _FINEANGLES)
-    fx = centerx / focal_tangent
-    yaspect = 320.0 * height / (200.0 * (width * mult // 48))
-    fy = fx * yaspect
+    if width < 1 or height < 1:
+        raise ValueError(f"render size must be positive, got {width}x{height}")
+    fx = 2.0 * height / (3.0 * math.tan(math.radians(fov_deg) / 2.0))
+    fy = DOOM_PIXEL_ASPECT * fx
     return torch.tensor([[fx, 0.0, width / 2.0], [0.0, fy, height / 2.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
 
 
 def render_resolutions() -> list[tuple[int, int]]:
-    """Native (W, H) sizes ViZDoom can render whose intrinsics :func:`doom_intrinsics` knows."""
+    """Native (W, H) sizes ViZDoom can render (its ScreenResolution enum), smallest first."""
     import vizdoom as vzd
 
     out = []
     for name in dir(vzd.ScreenResolution):
         m = _RES_RE.match(name)
-        if m and zdoom_aspect_class(int(m.group(1)), int(m.group(2))) in _WIDTH_MULT_48:
+        if m:
             out.append((int(m.group(1)), int(m.group(2))))
     return sorted(set(out), key=lambda wh: (wh[0] * wh[1], wh))
 
 
 def _crop_box(src_wh: tuple[int, int], aspect: float) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of the largest centred crop of ``src_wh`` with width/height ``aspect``."""
+    """(top, left, h, w) of the largest centred crop of ``src_wh`` with width/height ~ ``aspect``.
+
+    The cropped size keeps the parity of the source so that the crop is exactly centred.
+    """
     W, H = src_wh
     w = min(W, int(round(H * aspect)))
     h = min(H, int(round(W / aspect)))
+    w -= (W - w) % 2
+    h -= (H - h) % 2
     return (H - h) // 2, (W - w) // 2, h, w
 
 
-def choose_render_resolution(width: int, height: int, available: list[tuple[int, int]] | None = None) -> tuple[int, int]:
-    """The native size to render for a ``width`` x ``height`` output.
+def choose_render_resolution(
+    width: int, height: int, aspect: float | None = None, available: list[tuple[int, int]] | None = None
+) -> tuple[int, int]:
+    """The native size to render for a ``width`` x ``height`` output cropped at ``aspect`` (W/H, native pixels).
 
-    Prefers sizes whose aspect-matched centre crop needs no upsampling, then the least cropped,
-    then the smallest (fastest); if none is large enough, the largest.
+    The smallest (fastest) size whose centred crop needs no upsampling; if none is large enough,
+    the largest.
     """
     if width < 8 or height < 8:
         raise ValueError(f"output size {width}x{height} is too small (need at least 8x8)")
     avail = available or render_resolutions()
-    aspect = width / height
-
-    def score(wh: tuple[int, int]) -> tuple:
-        _, _, h, w = _crop_box(wh, aspect)
-        big_enough = w >= width and h >= height
-        return (not big_enough, round(1.0 - (w * h) / (wh[0] * wh[1]), 3), wh[0] * wh[1] if big_enough else -wh[0] * wh[1])
-
-    return min(avail, key=score)
+    aspect = aspect or width / height
+    big = [wh for wh in avail if (lambda c: c[3] >= width and c[2] >= height)(_crop_box(wh, aspect))]
+    if big:
+        return min(big, key=lambda wh: (wh[0] * wh[1], wh))
+    return max(avail, key=lambda wh: (wh[0] * wh[1], wh))
 
 
 @dataclass(frozen=True)
@@ -213,10 +193,21 @@ class FramePlan:
         return cv2.resize(crop, self.out_wh, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def plan_frames(width: int, height: int, fov_deg: float = VIEW_FOV_DEG, render_wh: tuple[int, int] | None = None) -> FramePlan:
-    """Plan rendering ``width`` x ``height`` frames: native size, crop, and the K that goes with them."""
-    rw, rh = render_wh or choose_render_resolution(width, height)
-    top, left, h, w = _crop_box((rw, rh), width / height)
+def plan_frames(
+    width: int,
+    height: int,
+    square_pixels: bool = False,
+    fov_deg: float = VIEW_FOV_DEG,
+    render_wh: tuple[int, int] | None = None,
+) -> FramePlan:
+    """Plan rendering ``width`` x ``height`` frames: native size, centred crop, and the matching K.
+
+    By default the crop keeps the output's aspect ratio in native pixels (widest view, fy = 1.2 fx).
+    ``square_pixels`` crops 1.2x narrower instead, so the resize undoes Doom's tall pixels (fx = fy).
+    """
+    native_aspect = (width / height) / (DOOM_PIXEL_ASPECT if square_pixels else 1.0)
+    rw, rh = render_wh or choose_render_resolution(width, height, aspect=native_aspect)
+    top, left, h, w = _crop_box((rw, rh), native_aspect)
     K = crop_intrinsics(doom_intrinsics(rw, rh, fov_deg), top, left)
     K = resize_intrinsics(K, (h, w), (height, width))
     return FramePlan((rw, rh), (top, left, h, w), (width, height), K)
@@ -239,7 +230,7 @@ class DoomEnv:
         import vizdoom as vzd
 
         self.cfg = cfg
-        self.plan = plan_frames(cfg.width, cfg.height)
+        self.plan = plan_frames(cfg.width, cfg.height, cfg.square_pixels)
         if cfg.tics_per_frame < 1:
             raise ValueError(f"tics_per_frame must be >= 1, got {cfg.tics_per_frame}")
         if int(cfg.move_speed) != cfg.move_speed or not 1 <= cfg.move_speed <= 50:

@@ -1,0 +1,348 @@
+"""WorldDiT behaviour on the tiny preset (CPU, fp32): causality, cache equivalence, invariances, sizes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from data.geometry import invert_rigid, make_pose, rotation_x, rotation_y
+from models.config import WorldDiTConfig, preset
+from models.dit import WorldDiT
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one intra-op thread is fastest, and the CI machines are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+B, C, H, W, L = 2, 16, 4, 4, 5
+ZERO_INIT = ("action_embed.mlp.2.", "prope_proj.")
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, skip: tuple[str, ...] = ()) -> torch.nn.Module:
+    """Give every parameter a non-trivial value (the default init zeroes gates and outputs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(s in name for s in skip):
+                continue
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+            else:
+                p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def make(skip=(), seed=0, **overrides) -> WorldDiT:
+    torch.manual_seed(seed)
+    return randomize(WorldDiT(replace(preset("tiny"), **overrides)), seed, skip).eval()
+
+
+def random_w2c(T: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    yaw, pitch = torch.randn(B, T, generator=g) * 20, torch.randn(B, T, generator=g) * 10
+    R = (rotation_y(yaw) @ rotation_x(pitch)).float()
+    c2w = make_pose(R, torch.randn(B, T, 3, generator=g))
+    return invert_rigid(c2w)
+
+
+def inputs(T: int = 6, seed: int = 0, text: bool = True) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    Kn = torch.tensor([[0.9, 0.0, 0.5], [0.0, 1.6, 0.5], [0.0, 0.0, 1.0]]).expand(B, T, 3, 3).clone()
+    out = dict(
+        x=torch.randn(B, C, T, H, W, generator=g),
+        sigma=torch.rand(B, T, generator=g),
+        actions=torch.randint(0, 81, (B, T), generator=g),
+        w2c=random_w2c(T, seed + 1),
+        K=Kn,
+        image_latent=torch.randn(B, C, H, W, generator=g),
+    )
+    if text:
+        mask = torch.ones(B, L, dtype=torch.bool)
+        mask[1, 3:] = False  # sample 1: 3 valid tokens, 2 padding
+        out.update(text=torch.randn(B, L, 32, generator=g), text_mask=mask)
+    return out
+
+
+def run(model, inp, **kw):
+    x, sigma = inp["x"], inp["sigma"]
+    rest = {k: v for k, v in inp.items() if k not in ("x", "sigma")}
+    with torch.no_grad():
+        return model(x, sigma, **rest, **kw)
+
+
+def frames(inp: dict, sl: slice) -> dict:
+    """The per-latent inputs of a frame range (image latent and text are shared)."""
+    out = {}
+    for k, v in inp.items():
+        if k == "x":
+            out[k] = v[:, :, sl]
+        elif k in ("sigma", "actions", "w2c", "K", "t_pos", "cond_mask"):
+            out[k] = v[:, sl]
+        elif k == "image_latent":
+            out[k] = v
+    return out
+
+
+# ---- causality and caching -------------------------------------------------------------------
+def test_block_causal_earlier_chunks_ignore_later_chunks():
+    model = make()
+    inp = inputs(T=6)
+    base = run(model, inp, chunk_size=2)
+    changed = dict(inp)
+    changed["x"] = inp["x"].clone()
+    changed["x"][:, :, 4:] += torch.randn_like(inp["x"][:, :, 4:])
+    changed["sigma"] = inp["sigma"].clone()
+    changed["sigma"][:, 4:] = 0.9
+    changed["actions"] = inp["actions"].clone()
+    changed["actions"][:, 4:] = 7
+    changed["w2c"] = inp["w2c"].clone()
+    changed["w2c"][:, 4:] = random_w2c(2, seed=9)
+    out = run(model, changed, chunk_size=2)
+    assert torch.equal(out[:, :, :4], base[:, :, :4])  # exactly
+    assert not torch.allclose(out[:, :, 4:], base[:, :, 4:])
+    # without the causal mask the earlier chunks do see the change
+    assert not torch.allclose(run(model, changed)[:, :, :4], run(model, inp)[:, :, :4])
+
+
+@pytest.mark.parametrize("camera,text", [(True, True), (False, True), (True, False)])
+def test_cache_equals_block_causal_forward(camera, text):
+    model = make(camera=camera)
+    inp = inputs(T=6, text=text)
+    full = run(model, inp, chunk_size=2)
+    cache = model.new_cache()
+    with torch.no_grad():
+        if text:
+            model.fill_text_cache(cache, inp["text"], inp["text_mask"])
+        for i in range(3):
+            if i > 0:
+                model.fill_context_cache(cache, **frames(inp, slice(0, 2 * i)), chunk_size=2, causal=True)
+            else:
+                cache.clear_context()
+            chunk = frames(inp, slice(2 * i, 2 * i + 2))
+            out = model(chunk.pop("x"), chunk.pop("sigma"), **chunk, chunk_size=2, cache=cache)
+            torch.testing.assert_close(out, full[:, :, 2 * i: 2 * i + 2], atol=1e-5, rtol=1e-5)
+    # the cache is read-only for denoising steps: a second step gives the same answer
+    before = [t.clone() for t in (cache.layers[0].k, cache.layers[-1].v)]
+    with torch.no_grad():
+        chunk = frames(inp, slice(4, 6))
+        again = model(chunk.pop("x"), chunk.pop("sigma"), **chunk, chunk_size=2, cache=cache)
+    torch.testing.assert_close(again, full[:, :, 4:6], atol=1e-5, rtol=1e-5)
+    assert torch.equal(before[0], cache.layers[0].k) and torch.equal(before[1], cache.layers[-1].v)
+
+
+def test_bidirectional_context_cache_equals_two_chunk_forward():
+    """fill_context_cache(causal=False): full attention inside the context, the chunk sees all of it."""
+    model = make()
+    inp = inputs(T=6)
+    full = run(model, inp, chunk_size=3)  # chunk 0 = context (bidirectional inside), chunk 1 = current
+    cache = model.new_cache()
+    with torch.no_grad():
+        model.fill_text_cache(cache, inp["text"], inp["text_mask"])
+        model.fill_context_cache(cache, **frames(inp, slice(0, 3)), causal=False)
+        chunk = frames(inp, slice(3, 6))
+        out = model(chunk.pop("x"), chunk.pop("sigma"), **chunk, cache=cache)
+    torch.testing.assert_close(out, full[:, :, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_reframed_context_positions_in_cache():
+    """Memory frames can carry any positions: the cache path honours explicit t_pos like the full pass."""
+    model = make()
+    inp = inputs(T=4)
+    inp["t_pos"] = torch.tensor([[0, 1, 5, 6], [2, 3, 4, 9]])
+    inp["cond_mask"] = torch.tensor([[True, False, False, False]] * B)
+    full = run(model, inp, chunk_size=2)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model.fill_text_cache(cache, inp["text"], inp["text_mask"])
+        model.fill_context_cache(cache, **frames(inp, slice(0, 2)), chunk_size=2)
+        chunk = frames(inp, slice(2, 4))
+        out = model(chunk.pop("x"), chunk.pop("sigma"), **chunk, chunk_size=2, cache=cache)
+    torch.testing.assert_close(out, full[:, :, 2:], atol=1e-5, rtol=1e-5)
+
+
+# ---- invariances --------------------------------------------------------------------------------
+def test_prope_is_invariant_to_the_world_frame():
+    """Only relative cameras reach the video-video attention terms.
+
+    Without text: text keys/values enter the PRoPE pass untransformed (WorldPlay's design), so
+    q^T P_i k_text depends on the absolute camera; WorldPlay's data rebases the first camera to identity.
+    """
+    model = make()
+    inp = inputs(T=4, text=False)
+    assert all(blk.prope_proj.weight.abs().sum() > 0 for blk in model.blocks)  # not vacuous
+    base = run(model, inp, chunk_size=2)
+    G = make_pose((rotation_y(torch.tensor(33.0)) @ rotation_x(torch.tensor(-12.0))).float(), torch.tensor([0.7, -1.2, 2.0]))
+    moved = dict(inp, w2c=inp["w2c"] @ invert_rigid(G))
+    torch.testing.assert_close(run(model, moved, chunk_size=2), base, atol=1e-5, rtol=1e-5)
+    # a change of *relative* camera does change the output
+    rel = dict(inp, w2c=inp["w2c"].clone())
+    rel["w2c"][:, 1] = random_w2c(1, seed=5)[:, 0]
+    assert (run(model, rel, chunk_size=2) - base).abs().max() > 1e-3
+
+
+def test_temporal_reframing_shift_invariance():
+    """Video-video attention only sees position differences (text has no RoPE, so test without text)."""
+    model = make()
+    inp = inputs(T=4, text=False)
+    inp["cond_mask"] = torch.tensor([[True, False, False, False]] * B)
+    inp["t_pos"] = torch.tensor([[0, 1, 2, 3], [0, 2, 3, 7]])
+    base = run(model, inp, chunk_size=2)
+    shifted = run(model, dict(inp, t_pos=inp["t_pos"] + 11))
+    torch.testing.assert_close(run(model, dict(inp, t_pos=inp["t_pos"] + 11), chunk_size=2), base, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(shifted, base)  # (bidirectional differs from block-causal: the test has teeth)
+    gap = dict(inp, t_pos=torch.tensor([[0, 1, 2, 9], [0, 2, 3, 7]]))  # a different relative layout changes it
+    assert (run(model, gap, chunk_size=2) - base).abs().max() > 1e-4
+
+
+def test_zero_init_branches_add_nothing_until_trained():
+    full = make(skip=ZERO_INIT)  # action and PRoPE layers keep their zero init
+    plain = WorldDiT(replace(preset("tiny"), action=False, camera=False)).eval()
+    res = plain.load_state_dict(full.state_dict(), strict=False)
+    assert not res.missing_keys
+    assert res.unexpected_keys and all(k.startswith("action_embed.") or ".prope_proj." in k for k in res.unexpected_keys)
+    inp = inputs(T=4)
+    ref = run(plain, {k: v for k, v in inp.items() if k not in ("actions", "w2c", "K")}, chunk_size=2)
+    torch.testing.assert_close(run(full, inp, chunk_size=2), ref, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        full.action_embed.mlp[2].weight.normal_(std=0.1)
+    assert (run(full, inp, chunk_size=2) - ref).abs().max() > 1e-4
+    with torch.no_grad():
+        full.action_embed.mlp[2].weight.zero_()
+        full.blocks[0].prope_proj.weight.normal_(std=0.1)
+    assert (run(full, inp, chunk_size=2) - ref).abs().max() > 1e-4
+
+
+def test_nulls_and_conditioning():
+    model = make()
+    inp = inputs(T=4)
+    base = run(model, inp)
+    # missing actions = action 0; missing cameras = identity projection (w2c = I, K = I) for every frame
+    no_act = {k: v for k, v in inp.items() if k != "actions"}
+    torch.testing.assert_close(run(model, no_act), run(model, dict(inp, actions=torch.zeros_like(inp["actions"]))))
+    no_cam = {k: v for k, v in inp.items() if k not in ("w2c", "K")}
+    eye = torch.eye(4).expand(B, 4, 4, 4)
+    torch.testing.assert_close(run(model, no_cam), run(model, dict(inp, w2c=eye, K=torch.eye(3).expand(B, 4, 3, 3))),
+                               atol=1e-6, rtol=1e-6)
+    # empty text = no text; the image latent only enters where flagged (t_pos == 0 by default)
+    no_text = {k: v for k, v in inp.items() if k not in ("text", "text_mask")}
+    torch.testing.assert_close(run(model, no_text), run(model, dict(inp, text=torch.zeros(B, 0, 32), text_mask=None)))
+    assert not torch.allclose(run(model, no_text), base)
+    flagged = dict(inp, cond_mask=torch.tensor([[True, False, False, False]] * B))
+    torch.testing.assert_close(run(model, flagged), base)
+    # padded text tokens are invisible: changing them changes nothing
+    t2 = inp["text"].clone()
+    t2[1, 3:] += 5.0
+    torch.testing.assert_close(run(model, dict(inp, text=t2)), base, atol=1e-6, rtol=1e-6)
+
+
+def test_input_errors_name_the_argument():
+    model = make()
+    inp = inputs(T=4)
+    with pytest.raises(ValueError, match="sigma must be"):
+        model(inp["x"], inp["sigma"][:, :3])
+    with pytest.raises(ValueError, match="w2c given without K"):
+        model(inp["x"], inp["sigma"], w2c=inp["w2c"])
+    with pytest.raises(ValueError, match="actions must be an integer"):
+        model(inp["x"], inp["sigma"], actions=inp["sigma"])
+    with pytest.raises(ValueError, match="text must be"):
+        model(inp["x"], inp["sigma"], text=torch.randn(B, 3, 7))
+    cache = model.new_cache()
+    with pytest.raises(ValueError, match="do not pass text"):
+        model(inp["x"], inp["sigma"], text=inp["text"], cache=cache)
+    with pytest.raises(ValueError, match="WorldDiTConfig.rope_dims"):
+        WorldDiT(WorldDiTConfig(rope_dims=[4, 4, 4]))
+    with pytest.raises(ValueError, match="WorldDiTConfig.patch"):
+        WorldDiT(WorldDiTConfig(patch=[2, 1, 1]))
+
+
+# ---- backends and modes -------------------------------------------------------------------------
+def test_backends_agree_in_the_model():
+    inp = inputs(T=4)
+    outs = {b: run(make(attn_backend=b), inp, chunk_size=2) for b in ("masked", "sdpa", "flex")}
+    for b in ("sdpa", "flex"):
+        torch.testing.assert_close(outs[b], outs["masked"], atol=1e-5, rtol=1e-5)
+    model = make()
+    torch.testing.assert_close(run(model, inp, chunk_size=4), run(model, inp), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(run(model, inp, chunk_size=9), run(model, inp), atol=1e-6, rtol=1e-6)
+
+
+def test_spatial_patch_roundtrip_shape():
+    model = make(patch=[1, 2, 2])
+    inp = inputs(T=3)
+    out = run(model, inp, chunk_size=1)
+    assert out.shape == inp["x"].shape and torch.isfinite(out).all()
+
+
+# ---- sizes, precision, checkpointing ------------------------------------------------------------
+def test_parameter_counts():
+    with torch.device("meta"):
+        hy = WorldDiT(preset("hy15"))
+    base, extra = hy.num_parameters("base"), hy.num_parameters("worldplay")
+    assert abs(base - 8.30e9) < 0.05e9, base  # HunyuanVideo-1.5: 8.33B (we fold its ByT5/SigLIP mappers, 15M)
+    assert sum(p.numel() for p in hy.action_embed.parameters()) == 256 * 2048 + 2048 + 2048 * 2048 + 2048  # ~4.7M
+    assert extra == 256 * 2048 + 2048 + 2048 * 2048 + 2048 + 54 * (2048 * 2048 + 2048)  # ~0.231B
+    assert abs(extra - 0.231e9) < 0.002e9
+    ranges = {"tiny": (1e5, 5e6), "small": (1.2e8, 1.8e8), "base": (1.1e9, 1.5e9)}
+    for name, (lo, hi) in ranges.items():
+        with torch.device("meta"):
+            n = WorldDiT(preset(name)).num_parameters()
+        assert lo < n < hi, (name, n)
+    assert hy.patch_embed.proj.in_features == 65
+
+
+def test_bf16_autocast_forward_backward_and_checkpointing():
+    inp = inputs(T=4)
+    grads = {}
+    for ckpt in (False, True):
+        model = make(grad_checkpointing=ckpt).train()
+        rest = {k: v for k, v in inp.items() if k not in ("x", "sigma")}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(inp["x"], inp["sigma"], **rest, chunk_size=2)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        (out.float() ** 2).mean().backward()
+        gs = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert all(torch.isfinite(g).all() for g in gs.values())
+        assert gs["blocks.0.prope_proj.weight"].abs().sum() > 0 and gs["action_embed.mlp.2.weight"].abs().sum() > 0
+        grads[ckpt] = gs
+    assert grads[True].keys() == grads[False].keys()
+    # pure bf16 weights without autocast: inputs are cast to the weights' dtype, output to x's
+    with torch.no_grad():
+        out = make().to(torch.bfloat16)(inp["x"], inp["sigma"], **{k: v for k, v in inp.items() if k not in ("x", "sigma")})
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_backends_cache_and_bf16():
+    dev = torch.device("cuda")
+    inp = {k: v.to(dev) for k, v in inputs(T=6).items()}
+    ref = None
+    for backend in ("masked", "sdpa", "flex"):
+        model = make(attn_backend=backend).to(dev)
+        out = run(model, inp, chunk_size=2)
+        ref = out if ref is None else ref
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        cache = model.new_cache()
+        with torch.no_grad():
+            model.fill_text_cache(cache, inp["text"], inp["text_mask"])
+            model.fill_context_cache(cache, **frames(inp, slice(0, 4)), chunk_size=2)
+            chunk = frames(inp, slice(4, 6))
+            step = model(chunk.pop("x"), chunk.pop("sigma"), **chunk, chunk_size=2, cache=cache)
+        torch.testing.assert_close(step, ref[:, :, 4:], atol=1e-4, rtol=1e-4)
+        model.train()
+        rest = {k: v for k, v in inp.items() if k not in ("x", "sigma", "text_mask")}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = model(inp["x"], inp["sigma"], **rest, chunk_size=2)
+        (y.float() ** 2).mean().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

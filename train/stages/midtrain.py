@@ -1,0 +1,129 @@
+"""Stage ``midtrain``: memory training with reconstituted context (WorldPlay §5.4).
+
+Each sample is either a *memory* sample (probability ``memory_prob``): a target chunk far enough
+into the clip, its context chosen by ``models.memory.memory_layout`` (the same rule the rollout
+sampler applies at inference, on the same ``sampling.memory`` config), packed as
+[context (sorted) | target] with contiguous reframed positions, the loss on the target only; or a
+*window* sample: the first latents of the clip, contiguous, per-chunk noise, loss on all. Both
+have ``max_context + chunk`` latents, so they batch. Context latents are clean (sigma tag
+``sampling.context_sigma``, as the sampler caches them) or lightly noised up to
+``context_sigma_max``. A curriculum bounds how far into the clip targets may lie, so retrieval
+distances grow over training.
+
+``mode=bidirectional`` trains the Context-Forcing teacher: a window of ``sampling.window_latents``
+with the union memory of its chunks (``window_memory_layout``), full attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from models.memory import memory_layout, window_memory_layout
+from train.stage import register_stage
+from train.stages.flow_stage import FlowStage, FlowStageConfig
+from train.stages.inputs import ModelInputs, batch_inputs
+from train.stages.pretrain import window_sigmas
+
+
+@dataclass
+class MidtrainConfig(FlowStageConfig):
+    """Mid-training knobs; the memory rule itself is ``sampling.memory`` (shared with inference)."""
+
+    name: str = "midtrain"
+    memory_prob: float = 0.8  # fraction of memory samples (the rest are plain windows)
+    context_sigma_max: float = 0.0  # >0: noise each context chunk with sigma ~ U[context_sigma, max] (WorldPlay: 0.5)
+    # [from_step, max_latents] pairs: targets may lie up to max_latents into the clip from from_step on.
+    curriculum: list[list[int]] = field(default_factory=lambda: [[0, 32], [500, 64], [1000, 96], [2000, 128], [3000, 160]])
+
+
+def curriculum_length(curriculum: list[list[int]], step: int, available: int) -> int:
+    """Usable clip length (latents) at ``step``: the last curriculum entry whose from_step <= step."""
+    length = available
+    for from_step, max_latents in sorted(curriculum):
+        if step >= from_step:
+            length = max_latents
+    return min(length, available)
+
+
+@register_stage("midtrain")
+class Midtrain(FlowStage):
+    def build(self, ctx):
+        roles = super().build(ctx)
+        self.mem = self.rollout_config().memory
+        if self.mem.chunk_size != self.scfg.chunk_size:
+            raise ValueError(f"sampling.memory.chunk_size={self.mem.chunk_size} must equal stage.chunk_size={self.scfg.chunk_size}")
+        self.seq_len = self.mem.max_context + self.scfg.chunk_size
+        return roles
+
+    def make_inputs(self, batch: dict[str, Any], x0: torch.Tensor, step: int) -> ModelInputs:
+        if self.scfg.mode == "bidirectional":
+            return self._window_memory_inputs(batch, x0, step)
+        B, _, T = x0.shape[:3]
+        C, M = self.scfg.chunk_size, self.mem.max_context
+        if T < self.seq_len:
+            raise ValueError(f"data.num_latents={T} is shorter than a mid-train sample of {self.seq_len} latents (sampling.memory.max_context + chunk)")
+        full = batch_inputs(batch, x0, C)
+        length = curriculum_length(self.scfg.curriculum, step, T)
+        g = self.generator
+        rows, pos, loss_mask = [], [], []
+        for b in range(B):
+            # Targets start at or after M so the context is always full (WorldPlay: cur >= 24).
+            starts = list(range(-(-M // C) * C, length - C + 1, C))
+            use_memory = bool(starts) and float(torch.rand((), generator=g, device=g.device)) < self.scfg.memory_prob
+            if use_memory:
+                cur = starts[int(torch.randint(len(starts), (), generator=g, device=g.device))]
+                lay = memory_layout(batch["c2w"][b].to(torch.float64), cur, self.mem)
+                rows.append(lay.indices)
+                pos.append(lay.positions)
+                loss_mask.append(lay.target_mask.float())
+            else:
+                rows.append(torch.arange(self.seq_len))
+                pos.append(torch.arange(self.seq_len))
+                loss_mask.append(torch.ones(self.seq_len))
+        idx = torch.stack(rows).to(x0.device)
+        inp = full.take(idx)
+        inp.t_pos = torch.stack(pos).to(x0.device)
+        inp.loss_mask = torch.stack(loss_mask).to(x0.device)
+        inp.cond_mask = idx == 0  # the conditioning image sits on real latent 0 wherever it is placed
+        sigma = window_sigmas(B, self.seq_len, self.scfg, g, x0.device)
+        ctx = inp.loss_mask == 0  # memory samples: context latents
+        ctx_sigma = self._context_sigma(B, self.seq_len, x0.device)
+        inp.sigma = torch.where(ctx, ctx_sigma, sigma)
+        return inp
+
+    def _context_sigma(self, B: int, L: int, device: torch.device) -> torch.Tensor:
+        """Sigma of context latents [B, L]: the sampler's cache tag, or per-chunk noise up to context_sigma_max."""
+        lo = float(self.rollout_config().context_sigma)
+        if self.scfg.context_sigma_max <= lo:
+            return torch.full((B, L), lo, device=device)
+        g = self.generator
+        chunks = -(-L // self.scfg.chunk_size)
+        u = torch.rand(B, chunks, generator=g, device=g.device) * (self.scfg.context_sigma_max - lo) + lo
+        return u.repeat_interleave(self.scfg.chunk_size, dim=1)[:, :L].to(device)
+
+    def _window_memory_inputs(self, batch: dict[str, Any], x0: torch.Tensor, step: int) -> ModelInputs:
+        """Teacher layout: [union memory | window], full attention, loss on the window. Batch of 1 per layout."""
+        W = self.rollout_config().window_latents
+        B, _, T = x0.shape[:3]
+        if B != 1:
+            raise ValueError("stage.mode=bidirectional mid-training builds one memory layout per sample: use data.batch_size=1 (and grad_accum for larger batches)")
+        full = batch_inputs(batch, x0, None)
+        length = curriculum_length(self.scfg.curriculum, step, T)
+        starts = list(range(0, length - W + 1, self.scfg.chunk_size))
+        if not starts:
+            raise ValueError(f"clip of {length} latents is shorter than the teacher window of {W} latents")
+        g = self.generator
+        use_memory = float(torch.rand((), generator=g, device=g.device)) < self.scfg.memory_prob
+        start = starts[int(torch.randint(len(starts), (), generator=g, device=g.device))] if use_memory else 0
+        lay = window_memory_layout(batch["c2w"][0].to(torch.float64), start, W, self.mem)
+        idx = lay.indices[None].to(x0.device)
+        inp = full.take(idx)
+        inp.t_pos = lay.positions[None].to(x0.device)
+        inp.loss_mask = lay.target_mask[None].float().to(x0.device)
+        inp.cond_mask = idx == 0
+        sigma = window_sigmas(1, idx.shape[1], self.scfg, g, x0.device)
+        inp.sigma = torch.where(inp.loss_mask == 0, self._context_sigma(1, idx.shape[1], x0.device), sigma)
+        return inp
