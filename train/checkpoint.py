@@ -38,7 +38,7 @@ from train.distributed import DistEnv, Wrapped, barrier
 from train.ema import EMA
 
 # DCP says so every time it runs without a process group (the single-process backend): expected.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+_NO_PG_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 
 MARKER = "COMPLETE"
 LATEST = "latest"
@@ -215,7 +215,9 @@ def save_checkpoint(
     if fmt == "dcp":
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(_dcp_state(roles, emas), checkpoint_id=str(tmp / "dcp"))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NO_PG_WARNING)
+            dcp.save(_dcp_state(roles, emas), checkpoint_id=str(tmp / "dcp"))
     elif fmt == "deepspeed":
         for name, w in roles.items():
             if w.trainable:
@@ -258,9 +260,12 @@ def load_checkpoint(path: Path, *, env: DistEnv, fmt: str, roles: dict[str, Wrap
 
         state = _dcp_state(roles, emas)
         try:
-            dcp.load(state, checkpoint_id=str(path / "dcp"))
-        except Exception as e:  # DCP names the missing/mismatched key in its message
-            raise CheckpointError(f"{path / 'dcp'}: cannot load into this run's roles: {e}") from e
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_NO_PG_WARNING)
+                dcp.load(state, checkpoint_id=str(path / "dcp"))
+        except Exception as e:  # DCP wraps per-rank tracebacks; their last line names the key
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            raise CheckpointError(f"{path / 'dcp'}: cannot load into this run's roles: {lines[-1].strip()}") from e
         for name, w in roles.items():
             if w.trainable:
                 set_state_dict(w.raw, w.optimizer, model_state_dict=state["model"][name], optim_state_dict=state["optim"][name])

@@ -178,6 +178,11 @@ class TrainLoader:
         self.ds, self.cfg, self.seed, self.rank, self.world = dataset, cfg, seed, rank, world
         self.epoch, self.consumed = 0, 0
         self._it: Iterator | None = None
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{cfg.path}: {len(dataset)} usable windows cannot fill one batch of data.batch_size={cfg.batch_size} "
+                f"on each of {world} rank(s); lower the batch size or add clips"
+            )
 
     def _make_iter(self) -> Iterator:
         sampler = EpochSampler(len(self.ds), self.cfg.batch_size, self.seed, self.rank, self.world, self.cfg.shuffle, self.epoch, self.consumed)

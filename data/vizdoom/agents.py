@@ -7,10 +7,10 @@ keys bool [8] (W, S, D, A, yaw-right, yaw-left, pitch-up, pitch-down; pitch is n
   durations, biased forwards, and steers away from walls it sees close ahead in the depth buffer.
 - :class:`StuckGuard` wraps any agent: when translation keys have been held for a while but the
   player has barely moved, it takes over and turns in place for a random while.
-- :class:`RevisitAgent` explores outwards for part of the clip, then retraces: it steers back
-  through the outbound poses in reverse order with a closed-loop key controller, matching both
-  the position and the yaw of each outbound pose, so the return leg sees the outbound views again.
-  Doom has momentum and collisions, so this is a tracking controller, not an exact reversal.
+- :class:`RevisitAgent` explores outwards for half the clip, then retraces: the outbound poses
+  played backwards in time are the reference that a closed-loop key controller tracks, so the
+  return leg passes the outbound positions with the outbound yaws and sees those views again.
+  Doom has momentum and collisions, so this is tracking, not an exact reversal.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ __all__ = [
 # Translation classes in data.actions order: 0 none, 1 W, 2 S, 3 D, 4 A, 5 W+D, 6 W+A, 7 S+D, 8 S+A.
 # Rotation classes used here: 0 none, 1 yaw-right, 2 yaw-left (pitch is never pressed).
 _FORWARD_CLASSES = (1, 5, 6)
-_SLIDE_FACTOR = 0xE800 / (0x10000 - 0xE800)  # distance slid after releasing keys = this x speed per tic (9.67)
+_FRICTION = 0xE800 / 0x10000  # Doom keeps this fraction of the player's velocity every tic
 
 
 def keys_of(translation: int, rotation: int) -> np.ndarray:
@@ -189,14 +189,12 @@ class StuckGuard:
 
 @dataclass
 class RevisitConfig:
-    """Outbound exploration, then a closed-loop retrace of the outbound poses in reverse."""
+    """Outbound exploration, then a time-reversed replay of the outbound poses, tracked with keys."""
 
-    outbound_fraction: float = 0.45  # share of the clip's frames spent exploring outwards
-    reach_units: float = 12.0  # an outbound pose counts as passed within this distance (map units) ...
-    yaw_tolerance_deg: float = 3.0  # ... and this yaw error
-    lookahead_units: float = 24.0  # walk towards the path point this far ahead (pure pursuit)
-    turn_first_deg: float = 12.0  # with a larger yaw error, stop and turn in place (as the outbound leg did)
-    sector_hysteresis_deg: float = 10.0  # keep the current walking direction until 45/2 + this off
+    outbound_fraction: float = 0.5  # share of the clip spent exploring; the return takes as long
+    lookahead_frames: int = 4  # steer towards the reference this many frames ahead (Doom's momentum lags ~5)
+    deadband_units: float = 1.5  # predicted position errors below this (map units) press no translation key
+    sector_hysteresis_deg: float = 10.0  # keep the current walking direction until 22.5 + this off
 
 
 # Translation classes by walking direction in the camera frame (deg clockwise from forward).
@@ -205,75 +203,66 @@ _CLASS_SECTORS = {c: a for a, c in _SECTOR_CLASSES.items()}
 
 
 class RevisitAgent:
-    """Explore for ``outbound_fraction`` of ``num_frames``, then retrace the outbound path backwards.
+    """Explore for the first R frames, then retrace the outbound poses backwards in time.
 
-    The return leg walks the outbound positions in reverse while turning the camera to each
-    outbound yaw, so it sees the outbound views again. It is a pure-pursuit controller over
-    held keys: the progress index moves back along the path once a pose is matched (position
-    within ``reach_units`` and yaw within ``yaw_tolerance_deg``); the yaw keys turn towards that
-    pose's yaw; the translation keys are the one of the eight walking directions closest to the
-    path point ``lookahead_units`` ahead (with hysteresis, so keys are held steadily rather than
-    pulsed). Near the first pose it releases early enough for Doom's slide (``_SLIDE_FACTOR`` x
-    speed per tic) to stop it there, then holds still. ``return_frame`` is the first return frame.
+    The outbound leg records its poses p_0..p_R. The return leg targets the mirror image in
+    time, p_{2R - t} at frame t, so it passes the outbound positions in reverse order *with the
+    outbound yaws* (walking backwards through the views it saw) and is back at p_0 at frame 2R,
+    then holds still. Yaw has no momentum in Doom, so the yaw keys reproduce the outbound turns
+    exactly. Translation does have momentum (a release slides on), so it cannot be replayed:
+    each frame the agent predicts where coasting would take it ``lookahead_frames`` ahead and
+    presses the walking direction (one of eight, with hysteresis) towards the reference there.
+    ``return_frame`` is R.
     """
 
     def __init__(self, explorer: Agent, num_frames: int, tics_per_frame: int, turn_step_deg: float, cfg: RevisitConfig = RevisitConfig()):
-        if not 0.0 < cfg.outbound_fraction < 1.0:
-            raise ValueError(f"outbound_fraction must lie in (0, 1), got {cfg.outbound_fraction}")
+        if not 0.0 < cfg.outbound_fraction <= 0.5:
+            raise ValueError(f"outbound_fraction must lie in (0, 0.5] so that the return fits, got {cfg.outbound_fraction}")
         self.explorer, self.cfg = explorer, cfg
-        self.return_frame = max(1, int(round(cfg.outbound_fraction * (num_frames - 1))))
+        self.return_frame = max(1, int(cfg.outbound_fraction * (num_frames - 1)))
         self.tics_per_frame = tics_per_frame
         self.yaw_step = turn_step_deg  # yaw per frame while a yaw key is held
+        n = cfg.lookahead_frames * tics_per_frame  # coasting n tics moves f (1 - f^n) / (1 - f) x speed per tic
+        self._coast = _FRICTION * (1.0 - _FRICTION**n) / (1.0 - _FRICTION) / tics_per_frame
         self._wp: list[tuple[np.ndarray, float]] = []
-        self._k = 0
         self._prev: np.ndarray | None = None
         self._cls = 0
 
     def reset(self, rng: np.random.Generator) -> None:
         self.explorer.reset(rng)
-        self._wp, self._k, self._prev, self._cls = [], 0, None, 0
+        self._wp, self._prev, self._cls = [], None, 0
 
     def act(self, obs: AgentObs) -> np.ndarray:
         pos = np.asarray(obs.position[:2], dtype=np.float64)
         vel = np.zeros(2) if self._prev is None else pos - self._prev
         self._prev = pos
-        if obs.frame < self.return_frame:
+        if obs.frame <= self.return_frame:
             self._wp.append((pos, float(obs.angle_deg)))
-            self._k = len(self._wp) - 1
+        if obs.frame < self.return_frame:
             return self.explorer.act(obs)
-        return self._track(pos, vel, float(obs.angle_deg))
+        return self._track(obs.frame, pos, vel, float(obs.angle_deg))
 
-    def _yaw_error(self, k: int, angle: float) -> float:
-        return (self._wp[k][1] - angle + 180.0) % 360.0 - 180.0
+    def _reference(self, frame: int) -> tuple[np.ndarray, float]:
+        return self._wp[max(0, 2 * self.return_frame - frame)]
 
-    def _track(self, pos: np.ndarray, vel: np.ndarray, angle: float) -> np.ndarray:
-        cfg = self.cfg
-        while self._k > 0 and np.linalg.norm(self._wp[self._k][0] - pos) < cfg.reach_units and abs(self._yaw_error(self._k, angle)) < cfg.yaw_tolerance_deg:
-            self._k -= 1
-        dyaw = self._yaw_error(self._k, angle)
+    def _track(self, t: int, pos: np.ndarray, vel: np.ndarray, angle: float) -> np.ndarray:
         keys = np.zeros(8, dtype=bool)
+        _, yaw_next = self._reference(t + 1)
+        dyaw = (yaw_next - angle + 180.0) % 360.0 - 180.0
         keys[4], keys[5] = dyaw < -self.yaw_step / 2, dyaw > self.yaw_step / 2  # Doom angle grows to the left
-        if abs(dyaw) > cfg.turn_first_deg:
+        target, _ = self._reference(t + self.cfg.lookahead_frames)
+        err = target - (pos + self._coast * vel)
+        if np.linalg.norm(err) < self.cfg.deadband_units:
             self._cls = 0
-            return keys
-        j = self._k  # pursue the first path point at least lookahead_units away (or the start)
-        while j > 0 and np.linalg.norm(self._wp[j][0] - pos) < cfg.lookahead_units:
-            j -= 1
-        err = self._wp[j][0] - pos
-        dist = float(np.linalg.norm(err))
-        speed_per_tic = float(np.linalg.norm(vel)) / self.tics_per_frame
-        if j == 0 and dist < max(_SLIDE_FACTOR * speed_per_tic, cfg.reach_units / 3):
-            self._cls = 0  # release: the slide carries the player to the start
         else:
             a = np.radians(angle)
             fwd = float(err @ np.array([np.cos(a), np.sin(a)]))
             right = float(err @ np.array([np.sin(a), -np.cos(a)]))
             heading = float(np.degrees(np.arctan2(right, fwd))) % 360.0
+            keep = False
             if self._cls in _CLASS_SECTORS:
                 off = abs((heading - _CLASS_SECTORS[self._cls] + 180.0) % 360.0 - 180.0)
-                keep = off <= 22.5 + cfg.sector_hysteresis_deg
-            else:
-                keep = False
+                keep = off <= 22.5 + self.cfg.sector_hysteresis_deg
             if not keep:
                 self._cls = _SECTOR_CLASSES[int(round(heading / 45.0)) % 8 * 45]
         keys[:4] = keys_of(self._cls, 0)[:4]

@@ -22,9 +22,13 @@ against rendered frames (tests/test_vizdoom.py, data/README.md):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -218,6 +222,21 @@ def terminal_speed(move_speed: int) -> float:
     return (int(move_speed) * 2048 / 65536) / (1.0 - _DOOM_FRICTION)
 
 
+@contextlib.contextmanager
+def _working_directory(path: str):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def _close_game(game: Any, workdir: str) -> None:
+    game.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 class DoomEnv:
     """A headless ViZDoom game stepped one frame (``tics_per_frame`` tics) at a time by held keys.
 
@@ -269,9 +288,14 @@ class DoomEnv:
         if not cfg.monsters:
             args += " -nomonsters"
         g.add_game_args(args)
-        g.init()
+        # The engine writes ./_vizdoom.ini, ./_vizdoom/ and crash logs into its working directory:
+        # start it inside a private temporary directory, removed on close.
+        self._workdir = tempfile.mkdtemp(prefix="worldsmith-vizdoom-")
+        g.set_doom_config_path(os.path.join(self._workdir, "_vizdoom.ini"))
+        with _working_directory(self._workdir):
+            g.init()
         self.game = g
-        self._vzd = vzd
+        self._closer = weakref.finalize(self, _close_game, g, self._workdir)
 
     @staticmethod
     def _resolve_wad(wad: str) -> str:
@@ -335,7 +359,7 @@ class DoomEnv:
         return self._state()
 
     def close(self) -> None:
-        self.game.close()
+        self._closer()
 
     def __enter__(self) -> "DoomEnv":
         return self

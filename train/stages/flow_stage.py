@@ -163,7 +163,7 @@ class FlowStage(Stage):
             frames = to_uint8(self.autoencoder.decode(res.latents))[0]
             gt = to_uint8(self.autoencoder.decode(x0[:, :, :T]))[0]
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_mp4(out_dir / f"step_{step:07d}.mp4", np.concatenate([gt, frames], axis=2), fps=16)
+        write_mp4(out_dir / "ground_truth_vs_sample.mp4", np.concatenate([gt, frames], axis=2), fps=16)
         mse = float(np.mean((frames.astype(np.float64) - gt.astype(np.float64)) ** 2))
         return {"sample/psnr": float(10 * np.log10(255.0**2 / max(mse, 1e-10)))}
 
