@@ -27,7 +27,7 @@ from dataclasses import replace
 
 import torch
 
-from models.attention import BACKENDS, resolve_backend
+from models.attention import BACKENDS, MaskSpec, resolve_backend
 from models.config import preset
 from models.dit import WorldDiT
 
@@ -178,15 +178,11 @@ def bench(a, backend: str) -> list[dict]:
         rows.append(dict(what=f"cached step ({c} lat)", time=td, tokens=a.batch * c * N,
                          flops=model_flops(cfg, a, c, a.latents, None, train=False)))
     mem = peak_memory_gib(device)
+    # the benchmark passes no text mask, so ``auto`` resolves as for unpadded keys
+    shown = resolve_backend(backend, device, MaskSpec.full(1, 1), needs_grad=a.mode == "train")
     for r in rows:
-        r.update(backend=resolve_backend(backend, device, _dummy_spec(a)) if backend == "auto" else backend, mem=mem)
+        r.update(backend=shown if backend == "auto" else backend, mem=mem)
     return rows
-
-
-def _dummy_spec(a):
-    from models.attention import MaskSpec
-
-    return MaskSpec.full(1, 1)  # the benchmark passes no text mask, so auto resolves without padding
 
 
 def main(argv: list[str] | None = None) -> None:

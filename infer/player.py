@@ -309,7 +309,13 @@ class WorldPlayer:
         }
 
     def timings(self) -> dict[str, Any]:
-        """Load, reset, time to first chunk, per-chunk latency (median / p90) and generated frames per second."""
+        """Seconds, all measured with device synchronisation.
+
+        load_s: reading the bundle onto the device. reset_s: image crop + encode and prompt encoding.
+        time_to_first_chunk_s: reset_s + the first step (image in -> first frames on the host).
+        chunk_latency_s / chunk_model_s / chunk_decode_s: summaries (median, p90, ...) over step()
+        calls of the whole call / Rollout.step / decode. frames_per_s: frames / (reset + all steps).
+        """
         chunks = self.chunk_timings
         gen_s = self.reset_seconds + sum(c.total_s for c in chunks)
         frames = sum(c.num_frames for c in chunks)
@@ -367,8 +373,10 @@ class WorldPlayer:
     def _encode_prompt(self, prompt: Optional[str]) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """(tokens [1, L, D], mask [1, L] or None when nothing is padding); (None, None) for no prompt."""
         te = self.bundle.text_encoder
-        if prompt is None or te is None:
+        if prompt is None:
             return None, None
+        if te is None:
+            raise InferError(f"prompt {prompt!r}: the bundle was loaded without its text encoder")
         with self._resident(te):
             try:
                 tokens, mask = te.encode([prompt])

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from data.actions import MotionSteps, MotionThresholds, keys_to_action_id, poses_to_keys
-from data.geometry import crop_intrinsics, is_rigid, make_intrinsics, normalize_intrinsics, rebase_to_first, resize_intrinsics
+from data.geometry import crop_intrinsics, make_intrinsics, normalize_intrinsics, rebase_to_first, resize_intrinsics
 from data.latents import latent_action_ids
 from data.latents import num_frames as frames_of_latents
 from data.poseio import pose_string_to_poses, read_pose_json

@@ -321,8 +321,8 @@ class WorldDiT(nn.Module):
             want_vid = not (fill == "context" and i == last)  # the last block's output is never used there
             vid, txt, kv = self._run(blk, vid, vec, txt, txt_vec, layout, prefix,
                                      want_vid=want_vid, want_txt=i < last, want_kv=fill == "context")
-            if kv is not None:
-                kvs.append(kv)
+            if kv is not None:  # join with the text now, so only one block's extra copy is alive at a time
+                kvs.append(kv if prefix is None else prefix.cat(kv))
         if fill == "context":
             cache.set_context(kvs, T, N, t_pos)
             return None

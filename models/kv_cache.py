@@ -97,12 +97,15 @@ class KVCache:
         self.text, self.text_mask = kv, text_mask
         self.clear_context()
 
-    def set_context(self, kv: list[LayerKV], frames: int, tokens_per_frame: int, t_pos: Tensor) -> None:
-        """Store per-block context keys/values (placed after the cached text)."""
-        if len(kv) != self.depth:
-            raise ValueError(f"KVCache.set_context: got {len(kv)} blocks, cache has depth {self.depth}")
-        self.layers = [kv[i] if self.text is None or self.text_len == 0 else self.text[i].cat(kv[i])
-                       for i in range(self.depth)]
+    def set_context(self, layers: list[LayerKV], frames: int, tokens_per_frame: int, t_pos: Tensor) -> None:
+        """Store per-block keys/values laid out as [cached text ; context] (the model joins them)."""
+        if len(layers) != self.depth:
+            raise ValueError(f"KVCache.set_context: got {len(layers)} blocks, cache has depth {self.depth}")
+        expected = self.text_len + frames * tokens_per_frame
+        if layers[0].length != expected:
+            raise ValueError(f"KVCache.set_context: block 0 has {layers[0].length} keys, expected text "
+                             f"{self.text_len} + {frames} frames x {tokens_per_frame} tokens = {expected}")
+        self.layers = layers
         self.context_frames, self.tokens_per_frame, self.context_t_pos = frames, tokens_per_frame, t_pos
         self._specs = {}
 

@@ -102,7 +102,9 @@ class MemoryConfig:
         if self.num_points < 100:
             raise ValueError(f"MemoryConfig.num_points must be >= 100, got {self.num_points}")
         if not self.ref_offsets or any(not 0 <= o < C for o in self.ref_offsets):
-            raise ValueError(f"MemoryConfig.ref_offsets must be non-empty and within [0, chunk_size={C}), got {self.ref_offsets}")
+            raise ValueError(
+                f"MemoryConfig.ref_offsets must be non-empty and within [0, chunk_size={C}), got {self.ref_offsets}"
+            )
 
     @property
     def spatial_start(self) -> int:
@@ -148,13 +150,16 @@ def _canonical_points(
     return pts[keep].contiguous()
 
 
-def overlap_points(cfg: MemoryConfig, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def overlap_points(
+    cfg: MemoryConfig, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """The query-FOV points [P, 3] of the overlap estimator, in the query camera's frame.
 
     Points of the ball that the query camera cannot see never count (ov divides by the query's
     in-FOV count), so they are dropped once here; ov(q, r) is then a plain mean over these points.
     """
-    key = (cfg.estimator, cfg.num_points, float(cfg.distance_cut), float(cfg.fov_deg[0]), float(cfg.fov_deg[1]), cfg.seed)
+    fov_h, fov_v = float(cfg.fov_deg[0]), float(cfg.fov_deg[1])
+    key = (cfg.estimator, cfg.num_points, float(cfg.distance_cut), fov_h, fov_v, cfg.seed)
     return _points_on(key, torch.device(device) if device is not None else torch.device("cpu"), dtype)
 
 
@@ -200,7 +205,8 @@ def context_size(num_past: int, cfg: MemoryConfig) -> int:
     """Number of context latents M that :func:`select_context` returns for a history of ``num_past`` latents."""
     if num_past <= cfg.max_context:
         return num_past
-    return cfg.temporal_latents + cfg.chunk_size * (int(cfg.anchor) + min(cfg.spatial_chunks, len(candidate_starts(num_past, cfg))))
+    spatial = min(cfg.spatial_chunks, len(candidate_starts(num_past, cfg)))
+    return cfg.temporal_latents + cfg.chunk_size * (int(cfg.anchor) + spatial)
 
 
 def candidate_starts(num_past: int, cfg: MemoryConfig) -> list[int]:
@@ -226,7 +232,8 @@ def chunk_distances(c2w_past: Tensor, c2w_new: Tensor, cfg: MemoryConfig) -> tup
 
 @functools.lru_cache(maxsize=16)
 def _offsets_on(offsets: tuple[int, ...], device: torch.device) -> Tensor:
-    return torch.tensor(offsets, dtype=torch.long, device=device)
+    # Filled on the device (no host-to-device copy, which would synchronise a CUDA stream).
+    return torch.stack([torch.full((), o, dtype=torch.long, device=device) for o in offsets])
 
 
 def select_context(c2w_past: Tensor, c2w_new: Tensor, cfg: MemoryConfig) -> Tensor:
@@ -345,7 +352,9 @@ def memory_layout(c2w: Tensor, target_start: int, cfg: MemoryConfig, num_new: in
     num_new = cfg.chunk_size if num_new is None else num_new
     T = c2w.shape[-3]
     if target_start < 0 or target_start + num_new > T:
-        raise ValueError(f"memory_layout: target [{target_start}, {target_start + num_new}) outside the clip of {T} latents")
+        raise ValueError(
+            f"memory_layout: target [{target_start}, {target_start + num_new}) outside the clip of {T} latents"
+        )
     ctx = select_context(c2w[..., :target_start, :, :], c2w[..., target_start : target_start + num_new, :, :], cfg)
     tgt = torch.arange(target_start, target_start + num_new, device=c2w.device).expand(*ctx.shape[:-1], num_new)
     ctx_pos, tgt_pos = reframe_positions(ctx, num_new)
@@ -357,7 +366,8 @@ def window_memory_layout(c2w: Tensor, window_start: int, window_latents: int, cf
     T = c2w.shape[-3]
     if window_start < 0 or window_start + window_latents > T:
         raise ValueError(
-            f"window_memory_layout: window [{window_start}, {window_start + window_latents}) outside the clip of {T} latents"
+            f"window_memory_layout: window [{window_start}, {window_start + window_latents}) "
+            f"outside the clip of {T} latents"
         )
     ctx = select_window_context(c2w[:window_start], c2w[window_start : window_start + window_latents], cfg)
     tgt = torch.arange(window_start, window_start + window_latents, device=c2w.device)

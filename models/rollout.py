@@ -33,14 +33,21 @@ conditioning image is always kept (image-to-video).
 Everything later stages need comes out of the same loop: per chunk, the final latents (the clean
 prediction x̂0 at the exit step), the context indices / positions used, optionally the whole
 trajectory (x_σ, v, x̂0 per step) and gradients through a chosen step (``grad_step``, Self-Forcing's
-random exit step) or through all steps (``keep_grad``).
+random exit step) or through all steps (``keep_grad``). Stages that need the model on a chunk
+outside the sampling loop (RL's NFT loss, a DMD score) build the same conditioning with
+:meth:`Rollout.context` and call :meth:`Rollout.velocity`; :meth:`Rollout.extend` pushes a real
+prefix into the history, :meth:`RolloutState.repeat_interleave` branches G candidates off one prefix.
+
+The denoising loop does no host synchronisation: memory selection, gathers and σ values stay on
+the device (the σ schedule and the overlap point table are copied to a device once, on first use).
+Seeded rollouts on GPU should use a generator on the latents' device.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -77,7 +84,7 @@ class RolloutConfig:
     uncond_cameras: bool = True  # ... sets every w2c to the identity
     context_sigma: float = 0.0  # noise-level tag of the cached (clean) context latents; WorldPlay: 0.014
     context_causal: bool = True  # block-causal attention inside the context when filling the cache
-    detach_context: bool = True  # context latents enter the cache without gradient (Self-Forcing)
+    detach_context: bool = True  # cached context (and text) K/V carry no gradient (Self-Forcing)
     mode: str = "ar"  # "ar" | "window"
     window_latents: int = 16  # window length in "window" mode (multiple of chunk_size)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -105,7 +112,8 @@ class RolloutConfig:
             raise ValueError(f"RolloutConfig.mode must be 'ar' or 'window', got {self.mode!r}")
         if self.window_latents < 1 or self.window_latents % self.chunk_size:
             raise ValueError(
-                f"RolloutConfig.window_latents={self.window_latents} must be a positive multiple of chunk_size={self.chunk_size}"
+                f"RolloutConfig.window_latents={self.window_latents} must be a positive multiple of "
+                f"chunk_size={self.chunk_size}"
             )
 
     @property
@@ -288,7 +296,9 @@ class Rollout:
             ref = torch.zeros((), device=self._device())
         else:
             raise ValueError("start: give image_latent [B, C, h, w] or latent_shape=(B, C, h, w)")
-        for name, t, nd in (("text", text, 3), ("neg_text", neg_text, 3), ("text_mask", text_mask, 2), ("neg_text_mask", neg_text_mask, 2)):
+        named = (("text", text, 3), ("neg_text", neg_text, 3),
+                 ("text_mask", text_mask, 2), ("neg_text_mask", neg_text_mask, 2))
+        for name, t, nd in named:
             if t is not None and (t.ndim != nd or t.shape[0] != B):
                 raise ValueError(f"{name} must have {nd} dims and batch {B}, got {tuple(t.shape)}")
         dev = ref.device
@@ -310,7 +320,9 @@ class Rollout:
                 f"extend: latents must be [B={state.batch}, C, L={actions.shape[1]}, h, w], got {tuple(latents.shape)}"
             )
         if latents.shape[1] != state.latents.shape[1] or latents.shape[3:] != state.latents.shape[3:]:
-            raise ValueError(f"extend: latents {tuple(latents.shape)} do not match the history {tuple(state.latents.shape)}")
+            raise ValueError(
+                f"extend: latents {tuple(latents.shape)} do not match the history {tuple(state.latents.shape)}"
+            )
         self._append(state, latents, actions, w2c, K)
 
     def set_prompt(
@@ -348,7 +360,8 @@ class Rollout:
 
         M = ctx_idx.shape[-1]
         g = ctx_idx.to(dev)
-        x_ctx = state.latents.gather(2, g[:, None, :, None, None].expand(-1, state.latents.shape[1], -1, *state.latents.shape[3:]))
+        hist = state.latents
+        x_ctx = hist.gather(2, g[:, None, :, None, None].expand(-1, hist.shape[1], -1, *hist.shape[3:]))
         if cfg.detach_context:
             x_ctx = x_ctx.detach()
         a_ctx = state.actions.gather(1, g)
@@ -357,7 +370,9 @@ class Rollout:
         s_ctx = torch.full((B, M), cfg.context_sigma, device=dev)
         m_ctx = (g == 0) if state.image_latent is not None else None
         if cfg.mode == "window":
-            ctx.window_context = dict(x=x_ctx, sigma=s_ctx, actions=a_ctx, w2c=w_ctx, K=k_ctx, t_pos=ctx_pos, cond_mask=m_ctx)
+            ctx.window_context = dict(
+                x=x_ctx, sigma=s_ctx, actions=a_ctx, w2c=w_ctx, K=k_ctx, t_pos=ctx_pos, cond_mask=m_ctx
+            )
             return ctx
 
         grad = contextlib.nullcontext() if not cfg.detach_context else torch.no_grad()
@@ -423,9 +438,12 @@ class Rollout:
         L = actions.shape[1]
         chunk_index = len(state.chunks)
         sig = self.sigmas(ref.device)
-        noise = lambda step: self.noise_fn(  # noqa: E731
-            (B, C, L, h, w), generator=generator, device=ref.device, dtype=ref.dtype, chunk=chunk_index, step=step
-        )
+
+        def noise(step: int) -> Tensor:
+            return self.noise_fn(
+                (B, C, L, h, w), generator=generator, device=ref.device, dtype=ref.dtype, chunk=chunk_index, step=step
+            )
+
         x = noise(0)
         xs, vs, x0s = [], [], []
         for k in range(exit_step + 1):
@@ -485,7 +503,9 @@ class Rollout:
         n_chunks = T // unit
         grads = self._per_chunk(grad_step, n_chunks, "grad_step")
         exits = self._per_chunk(exit_step, n_chunks, "exit_step")
-        state = self.start(image_latent, text, text_mask, neg_text=neg_text, neg_text_mask=neg_text_mask, latent_shape=latent_shape)
+        state = self.start(
+            image_latent, text, text_mask, neg_text=neg_text, neg_text_mask=neg_text_mask, latent_shape=latent_shape
+        )
         for i in range(n_chunks):
             sl = slice(i * unit, (i + 1) * unit)
             self.step(
@@ -547,7 +567,8 @@ class Rollout:
         v = self.model(
             torch.cat([wc["x"].to(x.dtype), x], dim=2), torch.cat([wc["sigma"], sigma.to(wc["sigma"].dtype)], dim=1),
             actions=torch.cat([a_ctx, actions], dim=1), w2c=torch.cat([w_ctx, w2c.to(w_ctx.dtype)], dim=1),
-            K=torch.cat([wc["K"], ctx.K.to(wc["K"].dtype)], dim=1), t_pos=torch.cat([wc["t_pos"], ctx.positions], dim=1),
+            K=torch.cat([wc["K"], ctx.K.to(wc["K"].dtype)], dim=1),
+            t_pos=torch.cat([wc["t_pos"], ctx.positions], dim=1),
             text=text, text_mask=mask, image_latent=state.image_latent, cond_mask=cm, chunk_size=None, cache=None,
         )
         return v[:, :, M:]

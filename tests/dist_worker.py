@@ -77,6 +77,7 @@ class RegressionConfig:
     critic_optim: str = "muon"
     inject_at: int = 0  # step at which to inject a bad gradient into the student loss
     inject_kind: str = "nan"  # "nan" | "huge"
+    inject_rank: int = -1  # only on this rank (-1: all ranks)
     sleep: float = 0.0  # seconds per step (SIGTERM test)
     ready_file: str = ""  # touched after this many steps: "<path>:<steps>"
 
@@ -87,6 +88,7 @@ class RegressionStage(Stage):
 
     def build(self, ctx: StageContext) -> dict[str, Role]:
         c = self.cfg
+        self.rank = ctx.rank
         roles = {
             "teacher": Role(MLP(c.dim, c.hidden, 1, 1), trainable=False),
             "student": Role(MLP(c.dim, c.hidden, c.depth, 1), ema=EMAConfig(decay=c.ema_decay) if c.ema_decay else None),
@@ -114,7 +116,7 @@ class RegressionStage(Stage):
         losses, metrics = {}, {}
         if "student" in update:
             loss = (self.models["student"](x) - target).pow(2).mean()
-            if step == c.inject_at:
+            if step == c.inject_at and c.inject_rank in (-1, self.rank):
                 loss = loss * (float("nan") if c.inject_kind == "nan" else 1e8)
             losses["student"] = loss
             metrics["student_rmse"] = loss.detach().sqrt()
@@ -134,10 +136,10 @@ class RegressionStage(Stage):
 
 def make_trainer(out_dir: Path, *, steps: int, stage_cfg: Optional[RegressionConfig] = None, backend: str = "none", grad_accum: int = 1, optim: Optional[OptimConfig] = None,
                  every: int = 0, keep_last: int = 0, resume: Optional[str] = None, log_every: int = 1, preemption=None, export: bool = False, dry_run: bool = False,
-                 wandb: bool = False) -> Trainer:
+                 wandb: bool = False, precision: str = "fp32") -> Trainer:
     """A Trainer over :class:`RegressionStage` with test-friendly defaults (CPU, fp32, no wandb)."""
     return Trainer(
-        TrainerConfig(steps=steps, grad_accum=grad_accum, seed=7, precision="fp32", export=export, dry_run=dry_run),
+        TrainerConfig(steps=steps, grad_accum=grad_accum, seed=7, precision=precision, export=export, dry_run=dry_run),
         RegressionStage(stage_cfg or RegressionConfig()),
         out_dir,
         optim=optim or OptimConfig(name="adamw", lr=1e-2, weight_decay=0.01),
@@ -173,11 +175,17 @@ def main() -> int:
     ap.add_argument("--ema", type=float, default=0.9)
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--ready-file", default="")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--inject-at", type=int, default=0, help="NaN in the student loss at this step")
+    ap.add_argument("--inject-rank", type=int, default=-1)
+    ap.add_argument("--log-every", type=int, default=1)
     ap.add_argument("--dump", default="", help="write the student's (and EMA) full weights here (rank 0)")
     args = ap.parse_args()
-    stage_cfg = RegressionConfig(batch_size=args.batch_size, aug_std=args.aug_std, ema_decay=args.ema or None, sleep=args.sleep, ready_file=args.ready_file)
+    stage_cfg = RegressionConfig(batch_size=args.batch_size, aug_std=args.aug_std, ema_decay=args.ema or None, sleep=args.sleep, ready_file=args.ready_file,
+                                 inject_at=args.inject_at, inject_rank=args.inject_rank)
     trainer = make_trainer(Path(args.out), steps=args.steps, stage_cfg=stage_cfg, backend=args.backend, grad_accum=args.grad_accum,
-                           optim=OptimConfig(name=args.optim, lr=1e-2, weight_decay=0.01), every=args.every, resume=args.resume)
+                           optim=OptimConfig(name=args.optim, lr=1e-2, weight_decay=0.01), every=args.every, resume=args.resume,
+                           precision=args.precision, log_every=args.log_every)
     if args.dump:
         stage = trainer.stage
         original_export = stage.export

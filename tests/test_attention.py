@@ -146,6 +146,7 @@ def test_errors_and_auto_resolution():
         MaskSpec.full(4, 6, k_valid=torch.ones(1, 5, dtype=torch.bool))
     assert resolve_backend("auto", torch.device("cpu"), spec) == "masked"
     assert resolve_backend("auto", torch.device("cuda"), spec) == "sdpa"
+    assert resolve_backend("auto", torch.device("cuda"), spec, needs_grad=True) == "flex"
     padded = MaskSpec.full(4, 6, k_valid=torch.ones(1, 6, dtype=torch.bool))
     assert resolve_backend("auto", torch.device("cuda"), padded) == "flex"
     if not flash_available():

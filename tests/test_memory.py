@@ -59,7 +59,8 @@ def test_overlap_distance_cut_and_backoff():
     # q's visible points within the distance cut of it.
     back = fov_overlap(q, pose(z=-4.0)[None], cfg)[0, 0]
     pts = overlap_points(cfg, dtype=torch.float64)
-    expect = ((pts - torch.tensor([0.0, 0.0, -4.0], dtype=torch.float64)).norm(dim=-1) < cfg.distance_cut).double().mean()
+    behind = torch.tensor([0.0, 0.0, -4.0], dtype=torch.float64)
+    expect = ((pts - behind).norm(dim=-1) < cfg.distance_cut).double().mean()
     assert math.isclose(float(back), float(expect), abs_tol=1e-6)
     assert 0.08 < back < 0.2  # volume grows as r^2: about (4/8)^3 of the cone is that close
     ahead = fov_overlap(q, pose(z=2.0)[None], cfg)[0, 0]
@@ -70,8 +71,9 @@ def test_overlap_distance_cut_and_backoff():
 def test_overlap_is_invariant_to_world_frame():
     cfg = MemoryConfig()
     g = torch.Generator().manual_seed(0)
-    q = torch.stack([pose(x=float(x), yaw=float(y)) for x, y in torch.randn(3, 2, generator=g) * torch.tensor([1.0, 20.0])])
-    r = torch.stack([pose(z=float(z), yaw=float(y)) for z, y in torch.randn(5, 2, generator=g) * torch.tensor([2.0, 20.0])])
+    scale_q, scale_r = torch.tensor([1.0, 20.0]), torch.tensor([2.0, 20.0])
+    q = torch.stack([pose(x=float(x), yaw=float(y)) for x, y in torch.randn(3, 2, generator=g) * scale_q])
+    r = torch.stack([pose(z=float(z), yaw=float(y)) for z, y in torch.randn(5, 2, generator=g) * scale_r])
     world = pose(x=3.0, z=-7.0, yaw=77.0)
     a = fov_overlap(q, r, cfg)
     b = fov_overlap(world @ q, world @ r, cfg)
@@ -82,7 +84,8 @@ def test_overlap_is_invariant_to_world_frame():
 def test_overlap_batched_matches_pairwise():
     cfg = MemoryConfig(num_points=5000)
     g = torch.Generator().manual_seed(1)
-    cams = torch.stack([pose(x=float(a), z=float(b), yaw=float(c)) for a, b, c in torch.randn(2 * 7, 3, generator=g) * 3.0])
+    rnd = torch.randn(2 * 7, 3, generator=g) * 3.0
+    cams = torch.stack([pose(x=float(a), z=float(b), yaw=float(c)) for a, b, c in rnd])
     cams = cams.view(2, 7, 4, 4)
     ov = fov_overlap(cams[:, :3], cams[:, 3:], cfg)  # [2, 3, 4]
     assert ov.shape == (2, 3, 4)

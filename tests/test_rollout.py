@@ -395,3 +395,15 @@ def test_extend_teacher_forces_history_and_repeat_branches(model):
     assert cand.latents.shape == (3 * B, C, 4, H, W)
     assert (cand.latents[0] - cand.latents[1]).abs().max() > 1e-3  # different noise per candidate
     assert torch.equal(cand.context_idx, rec.context_idx.repeat_interleave(3, 0))
+
+
+@torch.no_grad()
+def test_bf16_autocast_rollout_stays_close_to_fp32(model):
+    traj = trajectory(8, seed=14)
+    r = Rollout(model, cfg_(guidance=2.0, context_sigma=0.014))
+    ref = gen(r, traj)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = gen(r, traj)
+    assert low.latents.dtype == torch.float32 and torch.isfinite(low.latents).all()
+    err = (low.latents - ref.latents).abs().mean() / ref.latents.abs().mean()
+    assert err < 0.1

@@ -156,7 +156,7 @@ def test_sample_hook_and_export(tmp_path):
         def sample(self, trainer, step, out_dir):
             out_dir.mkdir(parents=True)
             with trainer.roles["student"].ema.swapped():
-                value = float(trainer.stage.models["student"](torch.zeros(1, self.cfg.dim)).item())
+                value = float(trainer.stage.models["student"](torch.zeros(1, self.cfg.dim, device=trainer.device)).item())
             (out_dir / "value.txt").write_text(str(value))
             return {"probe": value}
 
@@ -195,3 +195,34 @@ def test_stage_registry():
         @register_stage("test_regression")
         class Other(Stage):
             pass
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    plain = make_trainer(tmp_path / "plain", steps=3)
+    plain.fit()
+    ac = make_trainer(tmp_path / "ac", steps=3)
+    ac.dist_cfg.activation_checkpointing = True
+    ac.fit()
+    student = ac.roles["student"].wrapped.raw
+    assert all(isinstance(b, CheckpointWrapper) for b in student.blocks)
+    assert not isinstance(ac.roles["teacher"].wrapped.raw.blocks[0], CheckpointWrapper)  # frozen: no backward
+    a, b = plain.roles["student"].wrapped.raw.state_dict(), student.state_dict()
+    assert a.keys() == b.keys()  # checkpoints stay portable between the two
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_losses(tmp_path / "plain") == read_losses(tmp_path / "ac")
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(tmp_path):
+    class Probe(RegressionStage):
+        def compute_losses(self, batch, step):
+            self.out_dtype = self.models["student"](batch["x"]).dtype
+            return super().compute_losses(batch, step)
+
+    trainer = make_trainer(tmp_path, steps=3, precision="bf16")
+    trainer.stage = Probe(RegressionConfig())
+    trainer.fit()
+    assert trainer.bf16 and trainer.stage.out_dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.roles["student"].wrapped.raw.parameters())
+    assert all(v == v for v in read_losses(tmp_path).values())

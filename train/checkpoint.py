@@ -263,7 +263,7 @@ def load_checkpoint(path: Path, *, env: DistEnv, fmt: str, roles: dict[str, Wrap
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_NO_PG_WARNING)
                 dcp.load(state, checkpoint_id=str(path / "dcp"))
-        except Exception as e:  # DCP wraps per-rank tracebacks; their last line names the key
+        except (Exception, dcp.api.CheckpointException) as e:  # (a BaseException) wraps per-rank tracebacks; the last line names the key
             lines = str(e).strip().splitlines() or [type(e).__name__]
             raise CheckpointError(f"{path / 'dcp'}: cannot load into this run's roles: {lines[-1].strip()}") from e
         for name, w in roles.items():

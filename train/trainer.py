@@ -66,6 +66,21 @@ class RoleRuntime:
     skipped: torch.Tensor  # updates skipped so far (device scalar; restored on resume)
 
 
+def _as_config(cfg: Any, cls: type) -> Any:
+    """A ``cls`` instance from None (defaults), an instance, a dict or an OmegaConf node."""
+    if cfg is None:
+        return cls()
+    if isinstance(cfg, cls):
+        return cfg
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(cfg):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, dict):
+        return cls(**cfg)  # unknown keys raise TypeError naming them
+    raise TypeError(f"expected a {cls.__name__}, a dict or an OmegaConf config, got {type(cfg).__name__}")
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """Move every tensor in a (nested) batch to ``device``."""
     if isinstance(batch, torch.Tensor):
@@ -99,12 +114,13 @@ class Trainer:
         run_config: Optional[dict[str, Any]] = None,
         preemption: Optional[PreemptionHandler] = None,
     ):
-        self.cfg, self.stage, self.out_dir = cfg, stage, Path(out_dir)
-        self.optim_cfg = optim or OptimConfig()
-        self.schedule_cfg = schedule or ScheduleConfig()
-        self.dist_cfg = dist or DistConfig()
-        self.logger_cfg = logger or LoggerConfig()
-        self.ckpt_cfg = checkpoint or CheckpointConfig()
+        self.cfg = _as_config(cfg, TrainerConfig)
+        self.stage, self.out_dir = stage, Path(out_dir)
+        self.optim_cfg = _as_config(optim, OptimConfig)
+        self.schedule_cfg = _as_config(schedule, ScheduleConfig)
+        self.dist_cfg = _as_config(dist, DistConfig)
+        self.logger_cfg = _as_config(logger, LoggerConfig)
+        self.ckpt_cfg = _as_config(checkpoint, CheckpointConfig)
         self.run_config = run_config
         self.preemption = preemption or PreemptionHandler()
         self.ckpt_dir = self.out_dir / "ckpt"
@@ -133,7 +149,7 @@ class Trainer:
     def setup(self) -> None:
         """Process group, roles on the backend, optimizers, schedules, EMA, data, resume."""
         for cfg in (self.cfg, self.optim_cfg, self.schedule_cfg, self.dist_cfg, self.logger_cfg, self.ckpt_cfg):
-            cfg.__post_init__()  # configs built from DictConfigs may have skipped validation
+            cfg.__post_init__()  # re-validate: fields may have been changed after construction
         self.env = init_distributed(self.dist_cfg)
         self.device = self.env.device
         self.bf16 = self._resolve_precision()
@@ -214,6 +230,9 @@ class Trainer:
         ``last`` marks the final micro-batch before :meth:`optimizer_step` (gradient sync happens there).
         """
         assert self.backend is not None
+        unknown = [n for n in roles if n not in self.roles]
+        if unknown:
+            raise KeyError(f"stage '{self.stage.name}': step {step} updates unknown role(s) {unknown}; roles are {sorted(self.roles)}")
         batch = to_device(batch, self.device)
         wrapped = {n: self.roles[n].wrapped for n in roles}
         with self.backend.sync_context(list(wrapped.values()), last):

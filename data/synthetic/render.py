@@ -3,9 +3,14 @@
 One ray per pixel through the pixel centre (the continuous-coordinate convention of
 ``data.geometry``: pixel (i, j) is at (j + 0.5, i + 0.5)). Rays are ``d = R K^-1 [u, v, 1]``, not
 normalised: their camera-frame z component is 1, so the ray parameter ``t`` of a hit *is* its
-z-depth, the quantity ``data.geometry.project`` returns. Each ray is intersected with the room
-(interior of a box) and every object at once (one tensor op per object kind); frames are
-processed in blocks of about ``chunk_rays`` rays so the [rays, objects] temporaries stay in cache.
+z-depth, the quantity ``data.geometry.project`` returns.
+
+Every ray is intersected with every object at once, one tensor expression per object kind, laid
+out [frames, objects, pixels] so reductions over objects run along contiguous pixels. On CPU,
+boolean masks and ``torch.where`` cost several times an arithmetic op, so misses are pushed to
+a huge distance arithmetically, and the nearest hit's row is found with one integer ``amin`` over
+distances whose low bits carry the row index. Frames go through in blocks of about
+``chunk_rays`` rays so that the [frames, objects, pixels] temporaries stay in cache.
 """
 
 from __future__ import annotations
@@ -14,122 +19,175 @@ import torch
 from torch import Tensor
 
 from data.synthetic.scene import BOX, CYLINDER, SPHERE, Scene
-from data.synthetic.shading import shade
+from data.synthetic.shading import prepare, shade
 
-__all__ = ["render", "camera_rays", "trace"]
+__all__ = ["render", "camera_rays", "frustum_planes", "visible_rows", "trace"]
 
-_INF = float("inf")
+_BIG = 1e30  # "missed": pushed this far (times the miss margin) beyond any real hit
 
 
 def camera_rays(K: Tensor, height: int, width: int) -> Tensor:
-    """Camera-frame ray directions [..., H*W, 3] (float32, z = 1) of pixel centres for K [..., 3, 3]."""
+    """Camera-frame ray directions [..., 3, H*W] (float32, z = 1) of pixel centres for K [..., 3, 3]."""
     Kinv = torch.linalg.inv(K.double())
     v, u = torch.meshgrid(
         torch.arange(height, dtype=torch.float64, device=K.device) + 0.5,
         torch.arange(width, dtype=torch.float64, device=K.device) + 0.5,
         indexing="ij",
     )
-    pix = torch.stack([u, v, torch.ones_like(u)], dim=-1).reshape(-1, 3)
-    return (pix @ Kinv.transpose(-1, -2)).float()
+    pix = torch.stack([u.reshape(-1), v.reshape(-1), torch.ones(height * width, dtype=torch.float64, device=K.device)])
+    return (Kinv @ pix).float()
 
 
-def _room(scene: Scene, o: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-    """Exit distance [Fc, P] from inside the room box and the axis [Fc, P] of the face it leaves through."""
-    lo = torch.tensor([-scene.half_x, -scene.height, -scene.half_z], dtype=d.dtype, device=d.device)
-    hi = torch.tensor([scene.half_x, 0.0, scene.half_z], dtype=d.dtype, device=d.device)
-    bound = torch.where(d > 0, hi, lo)
-    # |bound - o| / |d|: the face lies on d's side, and d == 0 gives +inf rather than a signed zero's -inf.
-    t_axes = (bound - o[:, None, :]).abs_().div_(d.abs())
-    return t_axes.min(dim=-1)
+def _hit(near: Tensor, far: Tensor, out: Tensor) -> Tensor:
+    """``near`` where the interval [near, far] is a hit in front of the camera, else >= 1e30-ish; into ``out``.
 
-
-def _y_slab(o_y: Tensor, inv_dy: Tensor, y_lo: Tensor, y_hi: Tensor) -> tuple[Tensor, Tensor]:
-    """Entry and exit distances [Fc, P, N] of the slabs y in [y_lo, y_hi] ([N]) for rays with 1/d_y [Fc, P, 1]."""
-    t1 = inv_dy * (y_lo - o_y[:, None])[:, None, :]
-    t2 = inv_dy * (y_hi - o_y[:, None])[:, None, :]
-    return torch.minimum(t1, t2), torch.maximum(t1, t2)
-
-
-def _boxes(scene: Scene, rows: slice, o: Tensor, d: Tensor, inv_dy: Tensor) -> Tensor:
-    """Hit distance [Fc, P, Nb] of boxes (slab method in each box's frame); inf where missed."""
-    c, h, yaw = scene.center[rows], scene.half[rows], scene.yaw[rows]
-    n = c.shape[0]
-    cs, sn = torch.cos(yaw), torch.sin(yaw)
-    zero = torch.zeros_like(cs)
-    # Columns project a world vector onto each box's local x axis, then onto its local z axis.
-    axes = torch.cat([torch.stack([cs, zero, -sn]), torch.stack([sn, zero, cs])], dim=1)  # [3, 2Nb]
-    inv = (d @ axes).reciprocal_()  # [Fc, P, 2Nb]
-    q = o[:, None, :] - c  # [Fc, Nb, 3]
-    o_loc = torch.cat([cs * q[..., 0] - sn * q[..., 2], sn * q[..., 0] + cs * q[..., 2]], dim=-1)  # [Fc, 2Nb]
-    hh = torch.cat([h[:, 0], h[:, 2]])
-    t1 = inv * (-hh - o_loc)[:, None, :]
-    t2 = inv.mul_((hh - o_loc)[:, None, :])
-    tmin = torch.minimum(t1, t2)
-    tmax = torch.maximum(t1, t2, out=t1)
-    near = torch.maximum(tmin[..., :n], tmin[..., n:])
-    far = torch.minimum(tmax[..., :n], tmax[..., n:])
-    ty_min, ty_max = _y_slab(o[:, 1], inv_dy, c[:, 1] - h[:, 1], c[:, 1] + h[:, 1])
-    near = torch.maximum(near, ty_min, out=near)
-    far = torch.minimum(far, ty_max, out=far)
-    # The camera is never inside an object, so a hit in front has near > 0.
-    return near.masked_fill_(~((near <= far) & (near > 0)), _INF)
-
-
-def _cylinders(scene: Scene, rows: slice, o: Tensor, d: Tensor, inv_dy: Tensor) -> Tensor:
-    """Hit distance [Fc, P, Nc] of vertical cylinders: (infinite-cylinder interval) within the y slab."""
-    c, h = scene.center[rows], scene.half[rows]
-    q = o[:, None, :] - c  # [Fc, Nc, 3]
-    q_xz = q.clone()
-    q_xz[..., 1] = 0.0
-    b = d @ q_xz.transpose(1, 2)  # [Fc, P, Nc]: d_xz . q_xz
-    a = d[..., 0:1] ** 2 + d[..., 2:3] ** 2  # [Fc, P, 1]
-    cc = (q_xz * q_xz).sum(-1) - h[:, 0] ** 2  # [Fc, Nc]
-    sq = torch.addcmul(b * b, a, cc[:, None, :], value=-1.0).sqrt_()  # NaN where the line misses
-    inv_a = a.reciprocal()
-    t0 = (-b - sq).mul_(inv_a)
-    t1 = (sq - b).mul_(inv_a)
-    ty_min, ty_max = _y_slab(o[:, 1], inv_dy, c[:, 1] - h[:, 1], c[:, 1] + h[:, 1])
-    near = torch.maximum(t0, ty_min, out=t0)  # NaN propagates, and NaN compares False below
-    far = torch.minimum(t1, ty_max, out=t1)
-    return near.masked_fill_(~((near <= far) & (near > 0)), _INF)
-
-
-def _spheres(scene: Scene, rows: slice, o: Tensor, d: Tensor) -> Tensor:
-    """Hit distance [Fc, P, Ns] of spheres (nearer root of the ray/sphere quadratic); inf where missed."""
-    c, r = scene.center[rows], scene.half[rows, 0]
-    q = o[:, None, :] - c  # [Fc, Ns, 3]
-    b = d @ q.transpose(1, 2)  # [Fc, P, Ns]
-    a = (d * d).sum(-1, keepdim=True)
-    cc = (q * q).sum(-1) - r * r
-    sq = torch.addcmul(b * b, a, cc[:, None, :], value=-1.0).sqrt_()
-    t0 = (-b - sq).div_(a)
-    return t0.masked_fill_(~(t0 > 0), _INF)
-
-
-def trace(scene: Scene, o: Tensor, d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Nearest hit of rays ``o`` [Fc, 3] + t ``d`` [Fc, P, 3] against the whole scene.
-
-    Returns t [Fc, P] (the z-depth when d has camera z = 1), the object row hit [Fc, P] (-1: the
-    room) and the room face axis [Fc, P] (0 x-walls, 1 floor/ceiling, 2 z-walls).
+    near + BIG * (relu(near - far) + relu(-near)): an empty interval or one starting behind the
+    camera (cameras are outside objects, so that means the object is behind) becomes a miss.
     """
-    t, axis = _room(scene, o, d)
-    obj = torch.full_like(axis, -1)
-    inv_dy = d[..., 1:2].reciprocal()
-    for kind in (BOX, CYLINDER, SPHERE):  # one vectorised test per object kind
-        rows = scene.kind_slice(kind)
-        if rows.stop == rows.start:
+    pen = (near - far).clamp_min_(0.0)
+    pen.sub_(near.clamp_max(0.0))
+    return torch.nan_to_num(near.add_(pen, alpha=_BIG), nan=_BIG, out=out)
+
+
+def _slab(inv: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """Entry / exit distances of a slab lo <= o + t d <= hi (lo, hi relative to o) given 1/d."""
+    t1 = inv * lo
+    t2 = inv * hi
+    return torch.minimum(t1, t2), torch.maximum(t1, t2, out=t1)
+
+
+def _boxes(c: Tensor, h: Tensor, cs: Tensor, sn: Tensor, o: Tensor, d: Tensor, inv_dy: Tensor, out: Tensor) -> None:
+    """Boxes (centres c [Nb, 3], half sizes h [Nb, 3], yaw cos/sin [Nb]): slab-method hits [Fc, Nb, P] into ``out``."""
+    cs, sn = cs[:, None], sn[:, None]  # [Nb, 1]
+    q = o[:, None, :] - c  # [Fc, Nb, 3] camera relative to the box centre
+    qx, qy, qz = q[..., 0:1], q[..., 1:2], q[..., 2:3]
+    dx, dz = d[:, 0:1], d[:, 2:3]  # [Fc, 1, P]
+    hx, hy, hz = h[:, 0:1], h[:, 1:2], h[:, 2:3]
+    # Local x axis of box n in world is (cs, 0, -sn), local z axis is (sn, 0, cs).
+    inv_x = (dx * cs).sub_(dz * sn).reciprocal_()
+    ox = cs * qx - sn * qz
+    near, far = _slab(inv_x, -hx - ox, hx - ox)
+    inv_z = (dx * sn).add_(dz * cs).reciprocal_()
+    oz = sn * qx + cs * qz
+    nz, fz = _slab(inv_z, -hz - oz, hz - oz)
+    torch.maximum(near, nz, out=near)
+    torch.minimum(far, fz, out=far)
+    ny, fy = _slab(inv_dy, -hy - qy, hy - qy)
+    torch.maximum(near, ny, out=near)
+    torch.minimum(far, fy, out=far)
+    _hit(near, far, out)
+
+
+def _cylinders(c: Tensor, h: Tensor, o: Tensor, d: Tensor, inv_dy: Tensor, out: Tensor) -> None:
+    """Vertical cylinders (h = r, h/2, r): the infinite cylinder's interval within the y slab, [Fc, Nc, P] into ``out``."""
+    q = o[:, None, :] - c
+    qx, qy, qz = q[..., 0:1], q[..., 1:2], q[..., 2:3]
+    r, hy = h[:, 0:1], h[:, 1:2]
+    dx, dz = d[:, 0:1], d[:, 2:3]
+    a = dx * dx + dz * dz  # [Fc, 1, P]
+    b = (dx * qx).addcmul_(dz, qz)  # [Fc, Nc, P]
+    disc = (b * b).addcmul_(a, qx * qx + qz * qz - r * r, value=-1.0)
+    miss = disc.clamp_max(0.0)  # < 0 where the line misses the circle
+    sq = disc.clamp_min_(1e-30).sqrt_()  # (sqrt of exact zeros is slow on CPU)
+    inv_a = a.reciprocal_()
+    near = torch.add(b, sq).mul_(-inv_a)
+    far = sq.sub_(b).mul_(inv_a)
+    ny, fy = _slab(inv_dy, -hy - qy, hy - qy)
+    torch.maximum(near, ny, out=near)
+    torch.minimum(far, fy, out=far)
+    near.sub_(miss, alpha=_BIG)
+    _hit(near, far, out)
+
+
+def _spheres(c: Tensor, h: Tensor, o: Tensor, d: Tensor, out: Tensor) -> None:
+    """Spheres (radius h[:, 0]): the nearer root of the ray/sphere quadratic, [Fc, Ns, P] into ``out``."""
+    r = h[:, 0:1]
+    q = o[:, None, :] - c
+    qx, qy, qz = q[..., 0:1], q[..., 1:2], q[..., 2:3]
+    dx, dy, dz = d[:, 0:1], d[:, 1:2], d[:, 2:3]
+    a = dx * dx + dy * dy + dz * dz
+    b = (dx * qx).addcmul_(dy, qy).addcmul_(dz, qz)
+    disc = (b * b).addcmul_(a, (q * q).sum(-1, keepdim=True) - r * r, value=-1.0)
+    miss = disc.clamp_max(0.0)
+    sq = disc.clamp_min_(1e-30).sqrt_()
+    near = b.add_(sq).mul_(-a.reciprocal_())
+    near.sub_(miss, alpha=_BIG)
+    _hit(near, near, out)
+
+
+def _room(scene: Scene, o: Tensor, d: Tensor, out: Tensor) -> None:
+    """Exit distance [Fc, 1, P] from inside the room box into ``out``."""
+    half = torch.tensor([scene.half_x, scene.height / 2, scene.half_z], dtype=d.dtype, device=d.device)
+    centre = torch.tensor([0.0, -scene.height / 2, 0.0], dtype=d.dtype, device=d.device)
+    q = (o - centre)[:, :, None]  # [Fc, 3, 1]
+    # Distance to the face on d's side: (half - q sign(d)) / |d|; d == 0 gives +inf.
+    t = (half[:, None] - q * torch.sign(d)).div_(d.abs())  # [Fc, 3, P]
+    torch.amin(t, dim=1, keepdim=True, out=out)
+
+
+def frustum_planes(K: Tensor, height: int, width: int) -> Tensor:
+    """Inward unit normals [..., 4, 3] (camera frame) of the four side planes of the view frustum of K [..., 3, 3]."""
+    corners = torch.tensor([[0.0, 0.0, 1.0], [width, 0.0, 1.0], [width, height, 1.0], [0.0, height, 1.0]],
+                           dtype=torch.float64, device=K.device)
+    c = corners @ torch.linalg.inv(K.double()).transpose(-1, -2)  # [..., 4, 3] corner rays
+    n = torch.linalg.cross(c, c.roll(-1, dims=-2), dim=-1)
+    inward = torch.sign((n * c.mean(-2, keepdim=True)).sum(-1, keepdim=True))
+    return (n * inward / n.norm(dim=-1, keepdim=True)).float()
+
+
+def visible_rows(scene: Scene, o: Tensor, R: Tensor, planes: Tensor) -> Tensor:
+    """Object rows [V] whose bounding sphere meets the frustum of any camera (o [Fc, 3], R [Fc, 3, 3]).
+
+    Conservative culling: a row left out cannot be hit by any ray of these cameras.
+    """
+    radius = scene.half.norm(dim=-1)  # bounds boxes and cylinders (h = r, h/2, r); spheres exactly
+    radius = torch.where(scene.kind == SPHERE, scene.half[:, 0], radius)
+    cam = (scene.center[None] - o[:, None, :]) @ R  # [Fc, N, 3]: w2c rotation is R^T
+    side = (cam @ planes.transpose(-1, -2)).amin(-1)  # [Fc, N] nearest side-plane distance
+    seen = (side > -radius) & (cam[..., 2] > -radius)
+    return seen.any(0).nonzero()[:, 0]
+
+
+def trace(scene: Scene, o: Tensor, d: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Nearest hit of rays ``o`` [Fc, 3] + t ``d`` [Fc, 3, P] against the scene (objects ``rows``, default all).
+
+    Returns t [Fc, P] (the z-depth when d has camera z = 1) and the row hit [Fc, P] (int64):
+    an object row, or ``scene.num_objects`` for the room.
+    """
+    Fc, _, P = d.shape
+    if rows is None:
+        rows = torch.arange(scene.num_objects, device=d.device)
+    n = int(rows.shape[0])
+    buf = torch.empty(Fc, n + 1, P, dtype=d.dtype, device=d.device)
+    _room(scene, o, d, buf[:, n : n + 1])
+    inv_dy = d[:, 1:2].reciprocal()
+    kinds = scene.kind[rows]
+    start = 0
+    for kind in (BOX, CYLINDER, SPHERE):  # one vectorised test per object kind (rows are sorted by kind)
+        stop = start + int((kinds == kind).sum())
+        if stop == start:
             continue
+        sel = rows[start:stop]
+        c, h, out = scene.center[sel], scene.half[sel], buf[:, start:stop]
         if kind == BOX:
-            tk = _boxes(scene, rows, o, d, inv_dy)
+            yaw = scene.yaw[sel]
+            _boxes(c, h, torch.cos(yaw), torch.sin(yaw), o, d, inv_dy, out)
         elif kind == CYLINDER:
-            tk = _cylinders(scene, rows, o, d, inv_dy)
+            _cylinders(c, h, o, d, inv_dy, out)
         else:
-            tk = _spheres(scene, rows, o, d)
-        t_near, idx = tk.min(dim=-1)
-        closer = t_near < t
-        t = torch.where(closer, t_near, t)
-        obj = torch.where(closer, idx + rows.start, obj)
-    return t, obj, axis
+            _spheres(c, h, o, d, out)
+        start = stop
+    if n == 0:
+        return buf[:, 0], torch.full((Fc, P), scene.num_objects, dtype=torch.int64, device=d.device)
+    # argmin over rows: positive float32 order equals int32 order, so write the row index into the
+    # low bits, take the integer min, read the row back and gather the exact distance.
+    bits = n.bit_length()
+    low = (1 << bits) - 1
+    idx = torch.arange(n + 1, dtype=torch.int32, device=d.device)[None, :, None]
+    key = (buf.view(torch.int32) & ~low).bitwise_or_(idx).amin(dim=1, keepdim=True)
+    pos = (key & low).long()
+    owner = torch.cat([rows, rows.new_tensor([scene.num_objects])])  # position -> scene row (last: room)
+    return torch.gather(buf, 1, pos)[:, 0], owner[pos[:, 0]]
 
 
 def _check_inputs(c2w: Tensor, K: Tensor, height: int, width: int) -> None:
@@ -146,34 +204,35 @@ def _check_inputs(c2w: Tensor, K: Tensor, height: int, width: int) -> None:
 
 
 def render(
-    scene: Scene, c2w: Tensor, K: Tensor, height: int, width: int, *, chunk_rays: int = 16384
+    scene: Scene, c2w: Tensor, K: Tensor, height: int, width: int, *, chunk_rays: int = 8192
 ) -> tuple[Tensor, Tensor]:
     """Render frames of ``scene`` seen by cameras c2w [F, 4, 4] (OpenCV) with intrinsics K [3, 3] or [F, 3, 3].
 
     Returns RGB uint8 [F, H, W, 3] and z-depth float32 [F, H, W], on c2w's device. Cameras must be
-    inside the room and outside every object (trajectories guarantee it).
+    inside the room and outside every object (the trajectories guarantee it).
     """
     _check_inputs(c2w, K, height, width)
     device = c2w.device
     scene = scene.to(device)
+    tables = prepare(scene)
     F, P = c2w.shape[0], height * width
-    rays = camera_rays(K.to(device), height, width)  # [P, 3] or [F, P, 3]
+    rays = camera_rays(K.to(device), height, width)  # [3, P] or [F, 3, P]
     if rays.ndim == 2:
         rays = rays[None]
     R = c2w[:, :3, :3].float()
     origin = c2w[:, :3, 3].float()
+    planes = frustum_planes(K.to(device), height, width)  # [4, 3] or [F, 4, 3]
     rgb = torch.empty(F, P, 3, dtype=torch.uint8, device=device)
     depth = torch.empty(F, P, dtype=torch.float32, device=device)
     block = max(1, chunk_rays // P)
     for f0 in range(0, F, block):  # cache blocking over frames; all work inside is vectorised
         f1 = min(F, f0 + block)
         cam = rays if rays.shape[0] == 1 else rays[f0:f1]
-        d = cam @ R[f0:f1].transpose(1, 2)  # [Fc, P, 3] world directions
+        d = R[f0:f1] @ cam  # [Fc, 3, P] world directions
         o = origin[f0:f1]
-        t, obj, axis = trace(scene, o, d)
-        n = (f1 - f0) * P
-        color = shade(scene, o[:, None, :].expand(-1, P, -1).reshape(n, 3), d.reshape(n, 3), t.reshape(n),
-                      obj.reshape(n), axis.reshape(n))
-        rgb[f0:f1] = (color * 255.0).round_().to(torch.uint8).view(f1 - f0, P, 3)
+        rows = visible_rows(scene, o, R[f0:f1], planes if planes.ndim == 2 else planes[f0:f1])
+        t, row = trace(scene, o, d, rows)
+        color = shade(scene, tables, o, d, t, row)  # [Fc, P, 3]
+        rgb[f0:f1] = color.mul_(255.0).round_().to(torch.uint8)
         depth[f0:f1] = t
     return rgb.view(F, height, width, 3), depth.view(F, height, width)

@@ -172,6 +172,11 @@ class FlowStage(Stage):
         s = _plain(self.cfg.sampling)
         s["height"], s["width"] = int(self.cfg.data.height), int(self.cfg.data.width)
         s["model_type"] = "ar" if self.scfg.mode == "causal" else "bidirectional"
+        if self.scfg.mode == "bidirectional":
+            s["mode"] = "window"  # bidirectional models are sampled window by window (teacher layout)
+        # pose -> action rule the model was trained with, so inference derives the same ids
+        s["translation_threshold"] = float(self.cfg.data.translation_threshold)
+        s["rotation_threshold_deg"] = float(self.cfg.data.rotation_threshold_deg)
         return s
 
     def export(self, trainer, out_dir: Path) -> None:

@@ -1,0 +1,234 @@
+"""Generating evaluation video from a model: a thin layer over ``models.rollout.Rollout``.
+
+``VideoModel.generate(image, c2w, K)`` conditions on one image and a latent-rate camera path and
+returns decoded frames, exactly as inference does: poses are re-based to the first camera, action
+ids come from the poses with the bundle's thresholds (``data.latents.latent_action_ids``),
+intrinsics are normalised, latent 0 is the encoded image. The path must have a whole number of
+rollout units (``chunk_size`` latents in ``ar`` mode, ``window_latents`` in ``window`` mode).
+
+A bundle's ``sampling`` section is a ``RolloutConfig`` plus keys describing its video (height,
+width, motion units, action thresholds): :func:`settings_from_sampling` splits it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from data.actions import MotionSteps, MotionThresholds
+from data.geometry import invert_rigid, is_rigid, normalize_intrinsics, rebase_to_first
+from data.latents import latent_action_ids, num_frames
+from models.rollout import Rollout, RolloutConfig
+
+__all__ = ["EvalSettings", "VIDEO_KEYS", "settings_from_sampling", "VideoModel", "to_uint8_video"]
+
+# Keys of a bundle's sampling section that describe its video rather than the sampler (as in infer).
+VIDEO_KEYS = (
+    "height", "width", "fps", "model_type", "translation_step", "rotation_step_deg",
+    "translation_threshold", "rotation_threshold_deg", "fov_x_deg", "negative_prompt",
+)
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+@dataclass
+class EvalSettings:
+    """What generation needs to know about a model: its sampler, resolution and motion units."""
+
+    rollout: RolloutConfig
+    height: int
+    width: int
+    steps: MotionSteps = MotionSteps()  # pose increments per latent of a held key
+    thresholds: MotionThresholds = MotionThresholds()  # pose -> action id rule used in training
+    train_latents: Optional[int] = None  # the training window, when the bundle records it
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rollout": dataclasses.asdict(self.rollout), "height": self.height, "width": self.width,
+            "steps": dataclasses.asdict(self.steps), "thresholds": dataclasses.asdict(self.thresholds),
+            "train_latents": self.train_latents,
+        }
+
+
+def settings_from_sampling(
+    sampling: Union[Mapping[str, Any], RolloutConfig],
+    where: str,
+    *,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    steps: Optional[int] = None,
+    train_latents: Optional[int] = None,
+) -> EvalSettings:
+    """Eval settings from a bundle's sampling section (or a RolloutConfig plus height/width).
+
+    ``where`` names the source in errors; ``height``/``width`` override or stand in for the
+    recorded size; ``steps`` overrides the Euler step count. Unknown keys raise ValueError.
+    """
+    from omegaconf import OmegaConf
+
+    if isinstance(sampling, RolloutConfig):
+        section: dict[str, Any] = dataclasses.asdict(sampling)
+    elif isinstance(sampling, Mapping):
+        section = OmegaConf.to_container(OmegaConf.create(dict(sampling)), resolve=True)
+    else:
+        raise TypeError(f"{where}: sampling must be a mapping or a RolloutConfig, got {type(sampling).__name__}")
+    rollout_keys = {f.name for f in dataclasses.fields(RolloutConfig)}
+    unknown = sorted(set(section) - rollout_keys - set(VIDEO_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: sampling has unknown keys {unknown}; expected RolloutConfig fields or {list(VIDEO_KEYS)}")
+    video = {k: section.pop(k) for k in VIDEO_KEYS if k in section}
+    try:
+        rcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RolloutConfig), section))
+    except Exception as e:  # omegaconf validation errors and RolloutConfig.validate's ValueError
+        raise ValueError(f"{where}: sampling: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if video.get("model_type") == "bidirectional" and rcfg.mode != "window":
+        rcfg = replace(rcfg, mode="window")  # full attention only matches window mode (as infer does)
+    if steps is not None:
+        rcfg = replace(rcfg, steps=int(steps))
+    h = height if height is not None else video.get("height")
+    w = width if width is not None else video.get("width")
+    if h is None or w is None:
+        raise ValueError(f"{where}: the video size is unknown: sampling has no height/width and none was given")
+    return EvalSettings(
+        rollout=rcfg, height=int(h), width=int(w),
+        steps=MotionSteps(float(video.get("translation_step", MotionSteps.translation)),
+                          float(video.get("rotation_step_deg", MotionSteps.rotation_deg))),
+        thresholds=MotionThresholds(translation=float(video.get("translation_threshold", MotionThresholds.translation)),
+                                    rotation_deg=float(video.get("rotation_threshold_deg", MotionThresholds.rotation_deg))),
+        train_latents=train_latents,
+    )
+
+
+def to_uint8_video(video: Tensor) -> np.ndarray:
+    """Decoded video [B, 3, F, H, W] in about [-1, 1] -> uint8 frames [B, F, H, W, 3]."""
+    x = ((video.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+class VideoModel:
+    """A world model with its autoencoder (and optional text encoder), ready to generate evaluation video."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        autoencoder: nn.Module,
+        settings: EvalSettings,
+        *,
+        text_encoder: Optional[nn.Module] = None,
+        device: Union[str, torch.device] = "cpu",
+        name: str = "model",
+    ):
+        self.model, self.autoencoder, self.text_encoder = model, autoencoder, text_encoder
+        self.settings, self.device, self.name = settings, torch.device(device), name
+        s = autoencoder.spatial_stride
+        if settings.height % s or settings.width % s:
+            raise ValueError(f"{name}: video size {settings.height}x{settings.width} is not a multiple of the autoencoder's spatial stride {s}")
+        channels = getattr(getattr(model, "cfg", None), "latent_channels", autoencoder.latent_channels)
+        if channels != autoencoder.latent_channels:
+            raise ValueError(f"{name}: the model expects {channels} latent channels, the autoencoder makes {autoencoder.latent_channels}")
+        self.rollout = Rollout(model, settings.rollout)
+
+    @classmethod
+    def from_bundle(
+        cls, directory: Union[str, os.PathLike], *, device: str = "cpu", dtype: str = "fp32",
+        steps: Optional[int] = None, name: Optional[str] = None,
+    ) -> "VideoModel":
+        """Load a bundle (strictly) and wrap it; ``steps`` overrides its denoising steps."""
+        from models.bundle import load_bundle, read_bundle_config, read_bundle_meta
+
+        directory = Path(directory)
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        meta = read_bundle_meta(directory)
+        window = (meta.get("data") or {}).get("num_latents") if isinstance(meta.get("data"), Mapping) else None
+        # The sampling section is checked before any weights are read.
+        settings = settings_from_sampling(read_bundle_config(directory)["sampling"], f"bundle {directory}",
+                                          steps=steps, train_latents=None if window is None else int(window))
+        bundle = load_bundle(directory, device=device, dtype=_DTYPES[dtype])
+        vm = cls(bundle.model, bundle.autoencoder, settings, text_encoder=bundle.text_encoder, device=device,
+                 name=name or directory.name)
+        vm.meta = bundle.meta
+        return vm
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def unit(self) -> int:
+        """Latents per rollout call: trajectories have a multiple of this many latents."""
+        return self.settings.rollout.unit
+
+    @property
+    def stride(self) -> int:
+        """Video frames per latent (the autoencoder's temporal stride)."""
+        return int(self.autoencoder.temporal_stride)
+
+    def fit_length(self, max_latents: int) -> int:
+        """The longest trajectory (latents) of whole rollout units not above ``max_latents`` (0 if none fits)."""
+        return max(0, int(max_latents)) // self.unit * self.unit
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self, image: np.ndarray, c2w: Tensor, K: Tensor, caption: Optional[str] = None, seed: int = 0
+    ) -> np.ndarray:
+        """Frames uint8 [F, H, W, 3], F = 1 + stride * (T - 1), from the first frame and a latent-rate path.
+
+        image: uint8 [H, W, 3] (the model's resolution). c2w: [T, 4, 4] poses of the latents (any
+        world frame: re-based here). K: pixel intrinsics [3, 3] or [T, 3, 3] at the model's resolution.
+        """
+        H, W = self.settings.height, self.settings.width
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.shape != (H, W, 3):
+            raise ValueError(f"{self.name}: image must be uint8 [{H}, {W}, 3], got {image.dtype} {list(image.shape)}")
+        c2w = torch.as_tensor(c2w, dtype=torch.float64)
+        T = c2w.shape[0] if c2w.ndim == 3 else -1
+        if c2w.shape[-2:] != (4, 4) or T < 1:
+            raise ValueError(f"{self.name}: c2w must be [T, 4, 4], got {list(c2w.shape)}")
+        if T % self.unit:
+            raise ValueError(f"{self.name}: {self.settings.rollout.mode} mode generates whole units of {self.unit} latents; "
+                             f"got a path of {T} latents (use VideoModel.fit_length)")
+        if not bool(is_rigid(c2w).all()):
+            raise ValueError(f"{self.name}: c2w[{int((~is_rigid(c2w)).nonzero()[0])}] is not a rigid transform")
+        K = torch.as_tensor(K, dtype=torch.float64)
+        K = K.expand(T, 3, 3) if K.shape == (3, 3) else K
+        if K.shape != (T, 3, 3):
+            raise ValueError(f"{self.name}: K must be [3, 3] or [T={T}, 3, 3] pixel intrinsics, got {list(K.shape)}")
+        c2w = rebase_to_first(c2w)
+        actions = latent_action_ids(c2w, self.settings.thresholds)
+        dev = self.device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                frame = torch.from_numpy(image).permute(2, 0, 1)[None, :, None].float().div(127.5).sub(1.0)
+                image_latent = self.autoencoder.encode(frame.to(dev))[:, :, 0]
+                text, mask = self._encode_caption(caption)
+                g = torch.Generator(device=dev).manual_seed(int(seed))
+                res = self.rollout.generate(
+                    image_latent, actions[None].to(dev), invert_rigid(c2w).float()[None].to(dev),
+                    normalize_intrinsics(K, W, H).float()[None].to(dev), text, mask, generator=g,
+                )
+                frames = to_uint8_video(self.autoencoder.decode(res.latents.float()))[0]
+        finally:
+            self.model.train(was_training)
+        expected = num_frames(T, self.stride)
+        if frames.shape[0] != expected:
+            raise RuntimeError(f"{self.name}: decoded {frames.shape[0]} frames from {T} latents, expected {expected}")
+        return frames
+
+    def _encode_caption(self, caption: Optional[str]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(tokens [1, L, D], mask [1, L] or None); (None, None) without a caption or text stream."""
+        te = self.text_encoder
+        if not caption or te is None or getattr(getattr(self.model, "cfg", None), "text_dim", 1) <= 0:
+            return None, None
+        try:
+            tokens, mask = te.encode([caption])
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{self.name}: the {te.name} text encoder cannot encode caption {caption!r}: {e}") from None
+        if tokens.shape[1] == 0:
+            return None, None
+        return tokens.to(self.device), (None if bool(mask.all()) else mask.to(self.device))
