@@ -19,8 +19,7 @@ def write_render_dataset(out: Path, moves: list[str], size: int = 32, step: tupl
     from data.geometry import make_intrinsics
     from data.poseio import parse_pose_string
     from data.shards import ShardWriter
-    from data.synthetic.render import render
-    from data.synthetic.scene import Scene
+    from data.synthetic import Scene, render
 
     K = make_intrinsics(70, size, size)
     with ShardWriter(out, samples_per_shard=8, overwrite=True) as w:

@@ -9,7 +9,7 @@ from data.geometry import make_intrinsics, project
 from data.indexed import ShardDataset
 from data.poseio import parse_pose_string
 from data.shards import ShardWriter
-from train.data import DataConfig, EpochSampler, build_train_loader, crop_resize
+from train.data import DataConfig, build_train_loader, crop_resize
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +95,19 @@ def test_workers_do_not_change_batches(dataset):
         assert torch.equal(next(a)["video"], next(b)["video"])
 
 
-def test_ranks_take_disjoint_samples():
+def test_ranks_take_disjoint_samples(dataset):
+    cfg = DataConfig(path=str(dataset), num_latents=3, height=16, width=16, batch_size=1)
     seen = []
     for rank in range(2):
-        s = EpochSampler(10, 2, seed=0, rank=rank, world=2, shuffle=True, epoch=0, skip=0)
-        seen += [i for batch in s for _, i in batch]
-    assert len(seen) == len(set(seen)) == 8
+        loader = build_train_loader(cfg, 4, seed=0, rank=rank, world=2)
+        seen += [next(loader)["key"][0] for _ in range(3)]
+    assert len(seen) == len(set(seen)) == 6
 
 
 def test_missing_or_short_data_fails_clearly(dataset, tmp_path):
     with pytest.raises((FileNotFoundError, ValueError), match=str(tmp_path)):
         build_train_loader(DataConfig(path=str(tmp_path)), 4, seed=0)
+    with pytest.raises(ValueError, match="cannot fill one global batch"):
+        build_train_loader(DataConfig(path=str(dataset), num_latents=3, batch_size=8), 4, seed=0)
     with pytest.raises(ValueError, match="shorter than a window"):
         build_train_loader(DataConfig(path=str(dataset), num_latents=9), 4, seed=0)

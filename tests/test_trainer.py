@@ -1,7 +1,6 @@
 """The training loop on one CPU process: learning, exact resume, grad-spike skipping, cadences, hooks."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -7,7 +7,7 @@ pose, the normalised intrinsics and the 81-class action id.
 
 Order and randomness are functions of (seed, epoch, sample index) only, so a run resumed from
 ``state_dict()`` sees exactly the batches the uninterrupted run would have seen, whatever the
-number of DataLoader workers. Ranks take disjoint strided slices of each epoch's permutation.
+number of DataLoader workers (``train.resumable.ResumableLoader`` with a keyed dataset).
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from typing import Any, Iterator
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 from data.actions import MotionThresholds, keys_to_action_id
 from data.geometry import crop_intrinsics, invert_rigid, normalize_intrinsics, rebase_to_first, resize_intrinsics
 from data.indexed import ShardDataset
 from data.latents import latent_action_ids, latent_frame_index, latent_keys_from_frames, num_frames
+from train.resumable import ResumableLoader
 
 
 @dataclass
@@ -75,8 +76,10 @@ class WindowDataset(Dataset):
     """Map-style dataset of training windows over a shard dataset.
 
     ``__getitem__((epoch, index))`` is deterministic: the window start and the crop are drawn
-    from a generator seeded by (seed, epoch, index).
+    from a generator seeded by (seed, epoch, index) (``keyed``: see train.resumable).
     """
+
+    keyed = True
 
     def __init__(self, clips: ShardDataset, cfg: DataConfig, temporal_stride: int, seed: int = 0):
         self.clips, self.cfg, self.stride, self.seed = clips, cfg, temporal_stride, seed
@@ -143,86 +146,18 @@ def collate_windows(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class EpochSampler(Sampler):
-    """Batches of (epoch, index) keys for one rank, starting after ``skip`` batches of ``epoch``."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int, shuffle: bool, epoch: int, skip: int):
-        self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.shuffle, self.epoch, self.skip = shuffle, epoch, skip
-        self.batches_per_epoch = (n // world) // batch_size
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"dataset of {n} windows is too small for {world} rank(s) x batch {batch_size}")
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch - self.skip
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(_seed_for(self.seed, self.epoch))
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        mine = order[self.rank :: self.world][: self.batches_per_epoch * self.bs]
-        for b in range(self.skip, self.batches_per_epoch):
-            yield [(self.epoch, i) for i in mine[b * self.bs : (b + 1) * self.bs]]
-
-
-class TrainLoader:
-    """An endless, resumable iterator of collated batches for one rank.
-
-    ``state_dict()`` records (epoch, batches consumed in it); a loader restored from it yields the
-    same batches as the original would have from that point on.
-    """
-
-    def __init__(self, dataset: WindowDataset, cfg: DataConfig, seed: int, rank: int = 0, world: int = 1):
-        self.ds, self.cfg, self.seed, self.rank, self.world = dataset, cfg, seed, rank, world
-        self.epoch, self.consumed = 0, 0
-        self._it: Iterator | None = None
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"{cfg.path}: {len(dataset)} usable windows cannot fill one batch of data.batch_size={cfg.batch_size} "
-                f"on each of {world} rank(s); lower the batch size or add clips"
-            )
-
-    def _make_iter(self) -> Iterator:
-        sampler = EpochSampler(len(self.ds), self.cfg.batch_size, self.seed, self.rank, self.world, self.cfg.shuffle, self.epoch, self.consumed)
-        kw: dict[str, Any] = {}
-        if self.cfg.num_workers > 0:
-            kw = {"num_workers": self.cfg.num_workers, "prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
-        return iter(DataLoader(self.ds, batch_sampler=sampler, collate_fn=collate_windows, **kw))
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return (len(self.ds) // self.world) // self.cfg.batch_size
-
-    def __iter__(self) -> "TrainLoader":
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        if self.consumed >= self.batches_per_epoch:
-            self.epoch, self.consumed, self._it = self.epoch + 1, 0, None
-        if self._it is None:
-            self._it = self._make_iter()
-        batch = next(self._it)
-        self.consumed += 1
-        return batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "world": self.world}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("world", self.world) != self.world:
-            # A different rank count changes each rank's slice; keep the epoch, restart its batches.
-            self.epoch, self.consumed = int(state["epoch"]), 0
-        else:
-            self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
-        self._it = None
-
-
-def build_train_loader(cfg: DataConfig, temporal_stride: int, seed: int, rank: int = 0, world: int = 1) -> TrainLoader:
-    """The loader every stage uses: shard dataset -> windows -> resumable batches."""
-    clips = ShardDataset(cfg.path)
-    return TrainLoader(WindowDataset(clips, cfg, temporal_stride, seed), cfg, seed, rank, world)
+def build_train_loader(cfg: DataConfig, temporal_stride: int, seed: int, rank: int = 0, world: int = 1) -> ResumableLoader:
+    """The loader every stage uses: shard dataset -> windows -> resumable, rank-sharded batches."""
+    windows = WindowDataset(ShardDataset(cfg.path), cfg, temporal_stride, seed)
+    if len(windows) < cfg.batch_size * world:
+        raise ValueError(
+            f"{cfg.path}: {len(windows)} usable windows cannot fill one global batch of data.batch_size={cfg.batch_size} "
+            f"x {world} rank(s); lower the batch size or add clips"
+        )
+    return ResumableLoader(
+        windows, cfg.batch_size, seed=seed, rank=rank, world_size=world, shuffle=cfg.shuffle,
+        collate_fn=collate_windows, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+    )
 
 
 def tokens_per_sample(cfg: DataConfig, spatial_stride: int, patch: list[int] | tuple[int, ...] = (1, 1, 1)) -> int:
@@ -230,4 +165,4 @@ def tokens_per_sample(cfg: DataConfig, spatial_stride: int, patch: list[int] | t
     return cfg.num_latents // patch[0] * math.ceil(cfg.height / spatial_stride / patch[1]) * math.ceil(cfg.width / spatial_stride / patch[2])
 
 
-__all__ = ["DataConfig", "WindowDataset", "TrainLoader", "build_train_loader", "make_window", "crop_resize", "collate_windows", "tokens_per_sample"]
+__all__ = ["DataConfig", "WindowDataset", "build_train_loader", "make_window", "crop_resize", "collate_windows", "tokens_per_sample"]

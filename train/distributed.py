@@ -55,8 +55,9 @@ class DistEnv:
 
 def _first_host(nodelist: str) -> str:
     """First hostname of a SLURM nodelist: ``scontrol show hostnames`` if present, else a parser."""
-    if shutil.which("scontrol"):
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True).stdout.split()
+    if shutil.which("scontrol"):  # it fails where no slurm.conf is reachable: then the parser below
+        done = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        out = done.stdout.split() if done.returncode == 0 else []
         if out:
             return out[0]
     first = re.split(r",(?![^\[]*\])", nodelist)[0]  # split on commas outside brackets

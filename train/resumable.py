@@ -9,7 +9,9 @@ the same global batch).
 
 Exactness: with ``num_workers=0`` samples are loaded in this process, and augmentation drawing from
 the global RNGs (restored by the trainer) resumes bit-for-bit. With workers, the order of samples is
-still exact, but worker RNG streams restart at the resume point (seeded from the position).
+still exact, but worker RNG streams restart at the resume point (seeded from the position). A
+dataset with ``keyed = True`` is indexed by ``(epoch, index)`` instead and seeds its own randomness
+from that key (``train.data.WindowDataset``), which makes resume exact with any number of workers.
 """
 
 from __future__ import annotations
@@ -79,6 +81,9 @@ class ResumableLoader:
         start = self.consumed + self.rank * self.batch_size
         indices = self._permutation(self.epoch)[start : start + self.batch_size].tolist()
         self.consumed += self.global_batch
+        if getattr(self.dataset, "keyed", False):
+            # Keyed datasets draw per-sample randomness from (epoch, index): exact resume with workers too.
+            return [(self.epoch, i) for i in indices]  # type: ignore[misc]
         return indices
 
     def _index_stream(self, epoch: int, consumed: int) -> Iterator[list[int]]:

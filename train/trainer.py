@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional

@@ -2,12 +2,14 @@
 
 Everything is per ray and deterministic. Texture coordinates (u, v) lie in the hit surface, in
 the frame of the surface's owner (the object's own frame; the room's for walls, floor and ceiling),
-so a pattern is keyed to its surface and moves with it.
+so a pattern is keyed to its surface and moves with it. Normals and the light are compared in the
+owner's frame (the light is pre-rotated per owner).
 
 The room is shaded as a box seen from inside (its normals flipped), so one face rule serves
-boxes and the room. Branches are blended with 0/1 float masks rather than ``torch.where``:
-on CPU a float compare-and-multiply is several times cheaper than a boolean select, and every
-branch is finite for every ray, so the blend is exact.
+boxes and the room. Per-ray quantities are rows of [k, R] tensors, and branches are blended with
+0/1 float masks rather than ``torch.where``: on CPU a float compare-and-multiply on contiguous
+rows is several times cheaper than a boolean select, and every branch is finite for every ray,
+so the blend is exact.
 """
 
 from __future__ import annotations
@@ -39,17 +41,20 @@ from data.synthetic.scene import (
 __all__ = ["ShadingTables", "prepare", "surface", "shade"]
 
 _GROUT = 0.06  # grout line width as a fraction of a tile
-# Room face -> material as an affine function of the outward sign s along the face axis.
-assert (WALL_PX, WALL_NX, FLOOR, CEILING, WALL_PZ, WALL_NZ) == (2, 3, 0, 1, 4, 5)
+# Room face -> material is an affine function of the outward sign s along the face axis (see surface()).
+assert (FLOOR, CEILING, WALL_PX, WALL_NX, WALL_PZ, WALL_NZ) == (0, 1, 2, 3, 4, 5)
+_OWNER_COLUMNS = ("cx", "cy", "cz", "inv_hx", "inv_hy", "inv_hz", "radius", "cos", "sin",
+                  "box_normal", "is_box", "is_cyl", "is_sph", "material", "light_x", "light_y", "light_z")
 
 
 @dataclass
 class ShadingTables:
-    """Per-row surface owners [N + 1, 13] (objects, then the room) and materials [M, 10], packed for one gather each.
+    """Surface owners [17, N + 1] (columns: objects, then the room) and materials [10, M], for one gather each.
 
-    Owner columns: centre (3), half sizes (3), cos / sin yaw, is_box, is_cylinder, is_sphere,
-    normal sign (+1 objects, -1 room), material id (-1 for the room: chosen per face).
-    Material columns: pattern, scale, cos / sin angle, colour 1 (3), colour 2 (3).
+    Owner rows: centre (3), 1 / half sizes (3), radius, cos / sin yaw, box normal sign (+1 box,
+    -1 room, 0 otherwise), is_box (room included), is_cylinder, is_sphere, material id (-1 for
+    the room: chosen per face), the light direction in the owner's frame (3).
+    Material rows: pattern, 1 / scale, cos / sin angle, colour 1 (3), colour 2 (3).
     """
 
     owners: Tensor
@@ -58,30 +63,25 @@ class ShadingTables:
 
 def prepare(scene: Scene) -> ShadingTables:
     """Pack ``scene`` (already on the target device) into :class:`ShadingTables`."""
-    n = scene.num_objects
-    k = scene.kind
-    obj = torch.cat(
-        [
-            scene.center,
-            scene.half,
-            torch.cos(scene.yaw)[:, None],
-            torch.sin(scene.yaw)[:, None],
-            torch.stack([k == BOX, k == CYLINDER, k == SPHERE], dim=1).float(),
-            torch.ones(n, 1, device=k.device),
-            (torch.arange(n, device=k.device, dtype=torch.float32) + NUM_ROOM_MATERIALS)[:, None],
-        ],
-        dim=1,
-    )
-    room = torch.tensor(
-        [[0.0, -scene.height / 2, 0.0, scene.half_x, scene.height / 2, scene.half_z, 1.0, 0.0, 1.0, 0.0, 0.0, -1.0, -1.0]],
-        device=k.device,
-    )
+    n, dev = scene.num_objects, scene.kind.device
+    centre = torch.cat([scene.center, torch.tensor([[0.0, -scene.height / 2, 0.0]], device=dev)])
+    half = torch.cat([scene.half, torch.tensor([[scene.half_x, scene.height / 2, scene.half_z]], device=dev)])
+    yaw = torch.cat([scene.yaw, torch.zeros(1, device=dev)])
+    cs, sn = torch.cos(yaw), torch.sin(yaw)
+    kind = torch.cat([scene.kind, torch.tensor([BOX], device=dev)])
+    is_box = (kind == BOX).float()
+    box_normal = is_box.clone()
+    box_normal[n] = -1.0  # the room is seen from inside
+    material = torch.cat([torch.arange(n, device=dev, dtype=torch.float32) + NUM_ROOM_MATERIALS, torch.tensor([-1.0], device=dev)])
+    lx, ly, lz = scene.light.unbind()
+    owners = torch.stack([
+        *centre.T, *(1.0 / half).T, half[:, 0], cs, sn, box_normal, is_box, (kind == CYLINDER).float(),
+        (kind == SPHERE).float(), material, cs * lx - sn * lz, ly.expand(n + 1), sn * lx + cs * lz,
+    ])
     m = scene.materials
-    mats = torch.cat(
-        [m.pattern.float()[:, None], m.scale[:, None], torch.cos(m.angle)[:, None], torch.sin(m.angle)[:, None], m.color1, m.color2],
-        dim=1,
-    )
-    return ShadingTables(owners=torch.cat([obj, room]), materials=mats)
+    mats = torch.stack([m.pattern.float(), 1.0 / m.scale, torch.cos(m.angle), torch.sin(m.angle), *m.color1.T, *m.color2.T])
+    assert owners.shape[0] == len(_OWNER_COLUMNS)
+    return ShadingTables(owners=owners.contiguous(), materials=mats.contiguous())
 
 
 def _ge(a: Tensor, b: Tensor | float) -> Tensor:
@@ -104,50 +104,50 @@ def _mod2(x: Tensor) -> Tensor:
     return x - 2.0 * torch.floor(0.5 * x)
 
 
-def surface(scene: Scene, tables: ShadingTables, p: Tensor, row: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Normal [R, 3] (world, towards the viewer's side), texture coords u, v [R] and material id [R] (int64).
+def surface(scene: Scene, tables: ShadingTables, p: Tensor, row: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-ray surface attributes of hit points ``p`` [3, R] on owners ``row`` [R] (object rows; num_objects = room).
 
-    ``p`` [R, 3] are hit points and ``row`` [R] the owners hit (object rows, ``num_objects`` = room).
+    Returns the normal in the owner's frame [3, R] (towards the viewer's side), the light
+    direction in the same frame [3, R], texture coordinates u, v [R] and the material id [R] (int64).
     """
-    g = tables.owners.index_select(0, row)
-    qx, qy, qz = (p[:, i] - g[:, i] for i in range(3))
-    hx, hy, hz, cs, sn = g[:, 3], g[:, 4], g[:, 5], g[:, 6], g[:, 7]
-    is_box, is_cyl, is_sph, nsign, own_mat = g[:, 8], g[:, 9], g[:, 10], g[:, 11], g[:, 12]
+    g = tables.owners.index_select(1, row)  # [17, R]
+    qx, qy, qz = p[0] - g[0], p[1] - g[1], p[2] - g[2]
+    ihx, ihy, ihz, radius, cs, sn = g[3], g[4], g[5], g[6], g[7], g[8]
+    box_normal, is_box, is_cyl, is_sph, own_mat = g[9], g[10], g[11], g[12], g[13]
     # Owner frame (world-from-owner = rotation_y(yaw)).
     lx = cs * qx - sn * qz
     ly = qy
     lz = sn * qx + cs * qz
     sx, sy, sz = torch.sign(lx), torch.sign(ly), torch.sign(lz)
     # Box / room: the face is the axis where the point is relatively furthest out.
-    rx, ry, rz = lx.abs() / hx, ly.abs() / hy, lz.abs() / hz
-    m0 = _ge(rx, ry) * _ge(rx, rz)
-    m1 = (1.0 - m0) * _ge(ry, rz)
+    rx, ry, rz = lx.abs() * ihx, ly.abs() * ihy, lz.abs() * ihz
+    m0 = _ge(rx, ry).mul_(_ge(rx, rz))
+    m1 = (1.0 - m0).mul_(_ge(ry, rz))
     m2 = 1.0 - m0 - m1
-    u_box = lx + m0 * (lz - lx)  # x-face: (z, y); y-face: (x, z); z-face: (x, y)
-    v_box = ly + m1 * (lz - ly)
     # Cylinder: side or cap, whichever the point is relatively closer to.
     rho = torch.hypot(lx, lz).clamp_min_(1e-12)
     theta = torch.atan2(lz, lx)
-    side = _ge(rho / hx, ly.abs() / hy)
-    u_cyl = lx + side * (theta * hx - lx)
-    v_cyl = lz + side * (ly - lz)
-    # Blend the owner kinds (spheres: radial normal, (arc length, height) coordinates).
-    wb = is_box * nsign
-    ws = is_cyl * side / rho + is_sph / hx  # radial part shared by cylinder sides and spheres
-    nx = wb * m0 * sx + ws * lx
-    ny = wb * m1 * sy + is_cyl * (1.0 - side) * sy + is_sph * ly / hx
-    nz = wb * m2 * sz + ws * lz
-    u = is_box * u_box + is_cyl * u_cyl + is_sph * theta * hx
-    v = is_box * v_box + is_cyl * v_cyl + is_sph * ly
-    normal = torch.stack([cs * nx + sn * nz, ny, cs * nz - sn * nx], dim=1)
+    side = _ge(rho / radius, ry)
+    radial = is_cyl * side / rho + is_sph / radius  # horizontal normal part of cylinder sides and spheres
+    cap = is_cyl * (1.0 - side)
+    normal = torch.stack([
+        box_normal * m0 * sx + radial * lx,
+        box_normal * m1 * sy + cap * sy + is_sph * ly / radius,
+        box_normal * m2 * sz + radial * lz,
+    ])
+    # Texture coordinates: box faces x->(z, y), y->(x, z), z->(x, y); cylinder sides and spheres
+    # (arc length, height); cylinder caps (x, z).
+    arc = theta * radius
+    u = is_box * (lx + m0 * (lz - lx)) + cap * lx + (is_cyl - cap + is_sph) * arc
+    v = is_box * (ly + m1 * (lz - ly)) + cap * lz + (is_cyl - cap + is_sph) * ly
     # Room faces pick their material by side; under an open sky, walls above wall_height are sky.
     room = _lt(own_mat, 0.0)
     room_mat = m0 * (2.5 - 0.5 * sx) + m1 * (0.5 - 0.5 * sy) + m2 * (4.5 - 0.5 * sz)
     if scene.sky:
-        sky = m0.add(m2).mul_(_lt(p[:, 1], -scene.wall_height))
+        sky = (m0 + m2).mul_(_lt(p[1], -scene.wall_height))
         room_mat = room_mat + sky * (SKY_MATERIAL - room_mat)
     material = (own_mat + room * (room_mat - own_mat)).round_().long()
-    return normal, u, v, material
+    return normal, g[14:17], u, v, material
 
 
 def _tile_brightness(a: Tensor, b: Tensor, material: Tensor) -> Tensor:
@@ -159,16 +159,15 @@ def _tile_brightness(a: Tensor, b: Tensor, material: Tensor) -> Tensor:
 def shade(scene: Scene, tables: ShadingTables, o: Tensor, d: Tensor, t: Tensor, row: Tensor) -> Tensor:
     """RGB in [0, 1], [Fc, P, 3], of rays o [Fc, 3] + t [Fc, P] * d [Fc, 3, P] that hit owner ``row`` [Fc, P]."""
     Fc, _, P = d.shape
-    dr = d.transpose(1, 2).reshape(Fc * P, 3)
+    dr = d.transpose(0, 1).reshape(3, Fc * P)
     tr = t.reshape(-1)
-    p = torch.addcmul(o[:, None, :], d.transpose(1, 2), t[..., None]).reshape(Fc * P, 3)
-    normal, u, v, material = surface(scene, tables, p, row.reshape(-1))
-    mt = tables.materials.index_select(0, material)
-    pat, s, ca, sa = mt[:, 0], mt[:, 1], mt[:, 2], mt[:, 3]
-    c1, c2 = mt[:, 4:7], mt[:, 7:10]
-    us, vs = u / s, v / s
+    p = o.T.reshape(3, Fc, 1).expand(3, Fc, P).reshape(3, -1).addcmul(dr, tr)
+    normal, light, u, v, material = surface(scene, tables, p, row.reshape(-1))
+    mt = tables.materials.index_select(1, material)  # [10, R]
+    pat = mt[0]
+    us, vs = u * mt[1], v * mt[1]
     fu, fv = torch.floor(us), torch.floor(vs)
-    w_dir = ca * us + sa * vs
+    w_dir = (mt[2] * us).addcmul_(mt[3], vs)
     du, dv = us - fu - 0.5, vs - fv - 0.5
     bu = 0.5 * us + 0.5 * _mod2(fv)  # bricks: twice as wide as tall, rows offset by half a brick
     fb = torch.floor(bu)
@@ -183,23 +182,25 @@ def shade(scene: Scene, tables: ShadingTables, o: Tensor, d: Tensor, t: Tensor, 
     ]
     if scene.sky:  # SKY: horizon -> zenith with height above the walls
         span = max(scene.height - scene.wall_height, 1e-6)
-        patterns.append(((-p[:, 1] - scene.wall_height) / span).clamp_(0.0, 1.0))
+        patterns.append(((-p[1] - scene.wall_height) / span).clamp_(0.0, 1.0))
     else:
         patterns.append(torch.zeros_like(us))
-    w = torch.gather(torch.stack(patterns, dim=1), 1, pat.long()[:, None])
+    w = torch.gather(torch.stack(patterns), 0, pat.long()[None])  # [1, R]
     is_tiles, is_bricks = _eq(pat, float(TILES)), _eq(pat, float(BRICKS))
     bright = 1.0 + is_tiles * (_tile_brightness(fu, fv, material) - 1.0) + is_bricks * (_tile_brightness(fb, fv, material) - 1.0)
-    color = c1.addcmul(c2 - c1, w).mul_(bright[:, None])
-    diffuse = (normal @ scene.light).clamp_min_(0.0)
+    c1 = mt[4:7]
+    color = c1.addcmul(mt[7:10] - c1, w).mul_(bright)  # [3, R]
+    diffuse = (normal * light).sum(0).clamp_min_(0.0)
     lit = scene.ambient + (1.0 - scene.ambient) * diffuse
     if scene.sky:  # soft clouds; the sky glows (no diffuse term)
         is_sky = _eq(pat, float(SKY))
         swirl = torch.sin(us + 1.7 * torch.sin(0.8 * vs)) * torch.sin(1.1 * vs + 1.3 * torch.sin(0.6 * us))
-        cloud = ((swirl - 0.3) * 2.5).clamp_(0.0, 1.0) * is_sky
-        color = color + (1.0 - color) * (0.8 * cloud[:, None])
+        cloud = ((swirl - 0.3) * 2.5).clamp_(0.0, 1.0).mul_(is_sky)
+        color = color + (1.0 - color) * (0.8 * cloud)
         lit = lit + is_sky * (1.0 - lit)
-    color = color * lit[:, None]
+    color = color * lit
     if scene.fog_density > 0:
-        keep = torch.exp(-scene.fog_density * tr * dr.norm(dim=1))[:, None]
-        color = scene.fog_color + (color - scene.fog_color) * keep
-    return color.clamp_(0.0, 1.0).view(Fc, P, 3)
+        fog = scene.fog_color[:, None]
+        keep = torch.exp((dr * dr).sum(0).sqrt_().mul_(tr).mul_(-scene.fog_density))
+        color = fog + (color - fog) * keep
+    return color.clamp_(0.0, 1.0).T.reshape(Fc, P, 3)

@@ -1,7 +1,8 @@
 """Record ViZDoom clips into shards: ``python -m data.vizdoom --out DIR --clips N --frames F --size WxH``.
 
-Workers each run their own headless engine; clip i is recorded from a seed derived from
-(--seed, i), so the dataset does not depend on --workers. The main process writes the shards
+Workers each run their own headless engine; clips are recorded in episodes of
+--clips-per-episode (one map load each), episode e from a seed derived from (--seed, e), so the
+dataset does not depend on --workers. The main process writes the shards
 (one writer, ordered by clip index), a preview (mp4 + png strip of the first clips) and
 ``vizdoom_stats.json``: throughput, keys-vs-poses agreement, revisit return errors.
 """
@@ -18,29 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.vizdoom.env import DoomConfig, DoomEnv
-from data.vizdoom.record import RecordConfig, key_agreement, pose_key_thresholds, record_clip
-
-_ENV: DoomEnv | None = None
-_REC: RecordConfig | None = None
-
-
-def clip_seed(base_seed: int, index: int) -> int:
-    """The seed of clip ``index`` of a dataset recorded with ``base_seed`` (independent of workers)."""
-    return int(np.random.SeedSequence([base_seed, index]).generate_state(1)[0])
-
-
-def _init_worker(env_cfg: DoomConfig, rec_cfg: RecordConfig, base_seed: int) -> None:
-    global _ENV, _REC
-    _ENV, _REC = DoomEnv(env_cfg, seed=base_seed), rec_cfg
-
-
-def _record(args: tuple[int, int]) -> dict:
-    index, seed = args
-    assert _ENV is not None and _REC is not None, "worker not initialised"
-    clip = record_clip(_ENV, _REC, seed)
-    clip["meta"]["clip_index"] = index
-    return clip
+from data.vizdoom.env import DoomConfig
+from data.vizdoom.record import RecordConfig, clip_seed, init_worker, key_agreement, pose_key_thresholds, record_task
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -66,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revisit-prob", type=float, default=0.5, help="share of revisit clips with --trajectory mixed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--clips-per-episode", type=int, default=4, help="clips recorded in one episode (one map load)")
     p.add_argument("--tics-per-frame", type=int, default=2, help="35 Hz game tics per frame (2: 17.5 fps)")
     p.add_argument("--move-speed", type=int, default=4, help="Doom forwardmove units per held key (walk 25)")
     p.add_argument("--turn-speed", type=float, default=0.75, help="yaw degrees per tic while a yaw key is held")
@@ -96,8 +77,8 @@ def _summary(clips_stats: list[dict], revisits: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.clips < 1 or args.workers < 1 or args.frames < 2:
-        raise SystemExit("--clips and --workers must be >= 1 and --frames >= 2")
+    if args.clips < 1 or args.workers < 1 or args.frames < 2 or args.clips_per_episode < 1:
+        raise SystemExit("--clips, --workers and --clips-per-episode must be >= 1 and --frames >= 2")
     from data.shards import ShardWriter
     from data.video import write_mp4, write_png_strip
 
@@ -107,10 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
         turn_speed_deg=args.turn_speed, map_units_per_unit=args.map_units_per_unit, monsters=args.monsters,
         square_pixels=args.square_pixels,
     )
-    rec_cfg = RecordConfig(num_frames=args.frames, trajectory=args.trajectory, revisit_prob=args.revisit_prob)
+    rec_cfg = RecordConfig(num_frames=args.frames, trajectory=args.trajectory, revisit_prob=args.revisit_prob,
+                           clips_per_episode=args.clips_per_episode)
     thresholds = pose_key_thresholds(env_cfg)
     out = Path(args.out)
-    tasks = [(i, clip_seed(args.seed, i)) for i in range(args.clips)]
+    per = args.clips_per_episode
+    tasks = [(first, min(per, args.clips - first), clip_seed(args.seed, e)) for e, first in enumerate(range(0, args.clips, per))]
     fps = 35.0 / args.tics_per_frame
     stats: list[dict] = []
     revisits: list[dict] = []
@@ -119,24 +102,25 @@ def main(argv: list[str] | None = None) -> dict:
     with ShardWriter(out, prefix="vizdoom", samples_per_shard=args.samples_per_shard, video_format=args.video_format,
                      fps=fps, overwrite=args.overwrite) as writer:
         if args.workers == 1:
-            _init_worker(env_cfg, rec_cfg, args.seed)
-            results = map(_record, tasks)
+            init_worker(env_cfg, rec_cfg, args.seed)
+            results = map(record_task, tasks)
             pool = None
-        else:
-            pool = mp.get_context("spawn").Pool(args.workers, _init_worker, (env_cfg, rec_cfg, args.seed))
-            results = pool.imap(_record, tasks, chunksize=1)
+        else:  # spawn: the engine and torch are not fork-safe; workers import from data.vizdoom.record
+            pool = mp.get_context("spawn").Pool(args.workers, init_worker, (env_cfg, rec_cfg, args.seed))
+            results = pool.imap(record_task, tasks, chunksize=1)
         try:
-            for clip in results:
-                i = clip["meta"]["clip_index"]
-                writer.write(clip)
-                stats.append(key_agreement(clip, 4, thresholds))
-                rejected += clip["meta"]["attempt"]
-                if "revisit" in clip["meta"]:
-                    revisits.append(clip["meta"]["revisit"])
-                if i < args.preview:
-                    write_mp4(out / "preview" / f"clip{i:04d}.mp4", clip["video"], fps=fps)
-                    write_png_strip(out / "preview" / f"clip{i:04d}.png", clip["video"], num=8)
-                print(f"clip {i + 1}/{args.clips} {clip['meta']['scene']} {clip['meta']['trajectory']}", file=sys.stderr, flush=True)
+            for episode in results:
+                rejected += episode[-1]["meta"]["attempt"]
+                for clip in episode:
+                    i = clip["meta"]["clip_index"]
+                    writer.write(clip)
+                    stats.append(key_agreement(clip, 4, thresholds))
+                    if "revisit" in clip["meta"]:
+                        revisits.append(clip["meta"]["revisit"])
+                    if i < args.preview:
+                        write_mp4(out / "preview" / f"clip{i:04d}.mp4", clip["video"], fps=fps)
+                        write_png_strip(out / "preview" / f"clip{i:04d}.png", clip["video"], num=8)
+                    print(f"clip {i + 1}/{args.clips} {clip['meta']['scene']} {clip['meta']['trajectory']}", file=sys.stderr, flush=True)
         finally:
             if pool is not None:
                 pool.close()

@@ -192,6 +192,7 @@ class RevisitConfig:
     """Outbound exploration, then a time-reversed replay of the outbound poses, tracked with keys."""
 
     outbound_fraction: float = 0.5  # share of the clip spent exploring; the return takes as long
+    pause_frames: int = 8  # the outbound leg ends standing still for this long, so the return starts at rest
     lookahead_frames: int = 4  # steer towards the reference this many frames ahead (Doom's momentum lags ~5)
     deadband_units: float = 1.5  # predicted position errors below this (map units) press no translation key
     sector_hysteresis_deg: float = 10.0  # keep the current walking direction until 22.5 + this off
@@ -205,8 +206,9 @@ _CLASS_SECTORS = {c: a for a, c in _SECTOR_CLASSES.items()}
 class RevisitAgent:
     """Explore for the first R frames, then retrace the outbound poses backwards in time.
 
-    The outbound leg records its poses p_0..p_R. The return leg targets the mirror image in
-    time, p_{2R - t} at frame t, so it passes the outbound positions in reverse order *with the
+    The outbound leg records its poses p_0..p_R and ends with ``pause_frames`` of standing still
+    (reversing at full speed would lag the reference by the ~5 frames Doom needs to stop). The
+    return leg targets the mirror image in time, p_{2R - t} at frame t, so it passes the outbound positions in reverse order *with the
     outbound yaws* (walking backwards through the views it saw) and is back at p_0 at frame 2R,
     then holds still. Yaw has no momentum in Doom, so the yaw keys reproduce the outbound turns
     exactly. Translation does have momentum (a release slides on), so it cannot be replayed:
@@ -238,8 +240,10 @@ class RevisitAgent:
         self._prev = pos
         if obs.frame <= self.return_frame:
             self._wp.append((pos, float(obs.angle_deg)))
-        if obs.frame < self.return_frame:
+        if obs.frame < self.return_frame - self.cfg.pause_frames:
             return self.explorer.act(obs)
+        if obs.frame < self.return_frame:
+            return np.zeros(8, dtype=bool)
         return self._track(obs.frame, pos, vel, float(obs.angle_deg))
 
     def _reference(self, frame: int) -> tuple[np.ndarray, float]:

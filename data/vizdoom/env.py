@@ -146,13 +146,18 @@ def render_resolutions() -> list[tuple[int, int]]:
 def _crop_box(src_wh: tuple[int, int], aspect: float) -> tuple[int, int, int, int]:
     """(top, left, h, w) of the largest centred crop of ``src_wh`` with width/height ~ ``aspect``.
 
-    The cropped size keeps the parity of the source so that the crop is exactly centred.
+    Each cropped side is the size nearest the ideal whose margin splits evenly, so the crop is
+    exactly centred.
     """
     W, H = src_wh
-    w = min(W, int(round(H * aspect)))
-    h = min(H, int(round(W / aspect)))
-    w -= (W - w) % 2
-    h -= (H - h) % 2
+
+    def side(full: int, ideal: float) -> int:
+        if ideal >= full:
+            return full
+        lo = int(ideal) - (full - int(ideal)) % 2  # largest size <= ideal with an even margin
+        return lo + 2 if lo + 2 <= full and abs(lo + 2 - ideal) < abs(lo - ideal) else lo
+
+    w, h = side(W, H * aspect), side(H, W / aspect)
     return (H - h) // 2, (W - w) // 2, h, w
 
 

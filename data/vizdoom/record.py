@@ -36,8 +36,12 @@ __all__ = [
     "make_agent",
     "rollout",
     "record_clip",
+    "record_clips",
     "pose_key_thresholds",
     "key_agreement",
+    "clip_seed",
+    "init_worker",
+    "record_task",
 ]
 
 TRAJECTORIES = ("random", "revisit", "mixed")
@@ -50,8 +54,10 @@ class RecordConfig:
     num_frames: int = 65  # 1 + 4k frames group into whole latents of a stride-4 autoencoder
     trajectory: str = "mixed"  # random | revisit | mixed (each clip revisit with revisit_prob)
     revisit_prob: float = 0.5
-    warmup_frames: tuple[int, int] = (0, 150)  # unrecorded exploration before frame 0, U[lo, hi]
-    max_attempts: int = 6  # re-record a rejected clip this many times before giving up
+    warmup_frames: tuple[int, int] = (0, 150)  # unrecorded exploration from the map start before a first clip
+    gap_frames: tuple[int, int] = (8, 60)  # unrecorded exploration between clips of one episode
+    clips_per_episode: int = 4  # clips recorded in one episode (the map loads once; ~0.1 s)
+    max_attempts: int = 6  # rejected clips tolerated per episode before giving up
     explorer: ExplorerConfig = field(default_factory=ExplorerConfig)
     guard: StuckGuardConfig = field(default_factory=StuckGuardConfig)
     revisit: RevisitConfig = field(default_factory=RevisitConfig)
@@ -139,51 +145,78 @@ def _build_clip(env: DoomEnv, states: list[DoomState], keys: np.ndarray, meta: d
     }
 
 
-def record_clip(env: DoomEnv, cfg: RecordConfig, seed: int) -> dict:
-    """Record one clip (the contract's dict) from ``seed``; re-records rejected attempts.
+def _revisit_meta(agent: RevisitAgent, states: list[DoomState]) -> dict:
+    """How closely the return leg retraced the outbound poses (map units, degrees)."""
+    R = agent.return_frame
+    pos = np.stack([s.position for s in states])
+    mirror = np.linalg.norm(pos[R : 2 * R + 1] - pos[R::-1][: len(pos) - R], axis=1)  # frame R+n vs frame R-n
+    start, end = states[0], states[-1]
+    return {
+        "return_frame": R,
+        "mirror_median_map_units": float(np.median(mirror)),
+        "mirror_max_map_units": float(mirror.max()),
+        "end_distance_map_units": float(np.linalg.norm(end.position - start.position)),
+        "end_yaw_error_deg": float(abs((end.angle_deg - start.angle_deg + 180.0) % 360.0 - 180.0)),
+        "farthest_map_units": float(np.linalg.norm(pos - pos[0], axis=1).max()),
+    }
 
-    Everything random (map, warm-up, agent, engine) derives from ``seed``, so a clip does not
-    depend on which worker records it.
+
+def record_clips(env: DoomEnv, cfg: RecordConfig, seed: int, count: int = 1) -> list[dict]:
+    """Record ``count`` clips (the contract's dicts) in one episode from ``seed``.
+
+    The first clip starts after a warm-up walk of U(warmup_frames) frames from the map's start,
+    each later one after a further U(gap_frames) frames, so clips of one episode do not overlap
+    and the map is loaded once. A rejected clip (death, exit, teleport) starts a new episode on a
+    new map. Everything random derives from ``seed``: the result does not depend on the worker.
     """
     if cfg.trajectory not in TRAJECTORIES:
         raise ValueError(f"trajectory must be one of {TRAJECTORIES}, got {cfg.trajectory!r}")
-    if cfg.num_frames < 2:
-        raise ValueError(f"a clip needs at least 2 frames, got {cfg.num_frames}")
-    reasons = []
-    for attempt in range(cfg.max_attempts):
-        rng = np.random.default_rng([seed, attempt])
+    if cfg.num_frames < 2 or count < 1:
+        raise ValueError(f"need num_frames >= 2 and count >= 1, got {cfg.num_frames} and {count}")
+    clips: list[dict] = []
+    reasons: list[str] = []
+    state: DoomState | None = None
+    last = np.zeros(8, dtype=bool)
+    attempt = 0
+    while len(clips) < count:
+        if attempt >= cfg.max_attempts:
+            raise ClipRejected(f"seed {seed}: {attempt} rejected clips: " + "; ".join(reasons))
+        rng = np.random.default_rng([seed, len(clips), attempt])
         kind = cfg.trajectory if cfg.trajectory != "mixed" else ("revisit" if rng.random() < cfg.revisit_prob else "random")
-        state = env.reset(seed=int(rng.integers(2**31)))
-        try:
+        if state is None:
+            state, last = env.reset(seed=int(rng.integers(2**31))), np.zeros(8, dtype=bool)
             lo, hi = cfg.warmup_frames
-            warm = int(rng.integers(lo, hi + 1))
-            last = np.zeros(8, dtype=bool)
+        else:
+            lo, hi = cfg.gap_frames
+        warm = int(rng.integers(lo, hi + 1))
+        try:
             if warm > 0:
-                warm_agent = make_agent(env, "random", warm + 1, cfg)
-                warm_agent.reset(rng)
-                states, wkeys = rollout(env, warm_agent, warm + 1, state)
+                walker = make_agent(env, "random", warm + 1, cfg)
+                walker.reset(rng)
+                states, wkeys = rollout(env, walker, warm + 1, state, first_keys=last)
                 state, last = states[-1], wkeys[-1]
             agent = make_agent(env, kind, cfg.num_frames, cfg)
             agent.reset(rng)
             states, keys = rollout(env, agent, cfg.num_frames, state, first_keys=last)
         except ClipRejected as e:
-            reasons.append(f"attempt {attempt} on {env.map_name}: {e}")
+            reasons.append(f"clip {len(clips)} attempt {attempt} on {env.map_name}: {e}")
+            attempt, state = attempt + 1, None
             continue
-        meta = {"trajectory": kind, "seed": int(seed), "attempt": attempt, "warmup_frames": warm}
         guard = agent.explorer if isinstance(agent, RevisitAgent) else agent
-        meta["stuck_escapes"] = int(getattr(guard, "escapes", 0))
+        meta = {"trajectory": kind, "seed": int(seed), "episode_clip": len(clips), "attempt": attempt,
+                "warmup_frames": warm, "stuck_escapes": int(getattr(guard, "escapes", 0))}
         if isinstance(agent, RevisitAgent):
-            start, end = states[0], states[-1]
-            meta["revisit"] = {
-                "return_frame": agent.return_frame,
-                "end_distance_map_units": float(np.linalg.norm(end.position - start.position)),
-                "end_yaw_error_deg": float(abs((end.angle_deg - start.angle_deg + 180.0) % 360.0 - 180.0)),
-                "farthest_map_units": float(max(np.linalg.norm(s.position - start.position) for s in states)),
-            }
+            meta["revisit"] = _revisit_meta(agent, states)
         clip = _build_clip(env, states, keys, meta)
-        validate_clip(clip, f"vizdoom clip seed={seed}")
-        return clip
-    raise ClipRejected(f"seed {seed}: no usable clip in {cfg.max_attempts} attempts: " + "; ".join(reasons))
+        validate_clip(clip, f"vizdoom clip seed={seed} #{len(clips)}")
+        clips.append(clip)
+        state, last = states[-1], keys[-1]
+    return clips
+
+
+def record_clip(env: DoomEnv, cfg: RecordConfig, seed: int) -> dict:
+    """Record one clip from ``seed`` in a fresh episode (see :func:`record_clips`)."""
+    return record_clips(env, cfg, seed, 1)[0]
 
 
 def pose_key_thresholds(env_cfg: DoomConfig, stride: int = 4, translation_fraction: float = 0.35, rotation_fraction: float = 0.5) -> MotionThresholds:
@@ -228,3 +261,31 @@ def key_agreement(clip: dict, stride: int, thresholds: MotionThresholds) -> dict
         "latents": int(pressed.numel()),
         "steady_latents": int(held.sum()),
     }
+
+
+def clip_seed(base_seed: int, index: int) -> int:
+    """The seed of episode (or clip) ``index`` of a dataset recorded with ``base_seed``."""
+    return int(np.random.SeedSequence([base_seed, index]).generate_state(1)[0])
+
+
+_WORKER: tuple[DoomEnv, RecordConfig] | None = None
+
+
+def init_worker(env_cfg: DoomConfig, rec_cfg: RecordConfig, base_seed: int) -> None:
+    """Start this process's engine (a multiprocessing Pool initializer)."""
+    global _WORKER
+    _WORKER = (DoomEnv(env_cfg, seed=base_seed), rec_cfg)
+
+
+def record_task(task: tuple[int, int, int]) -> list[dict]:
+    """Record the clips (first_index, count, seed) of one episode with this process's engine.
+
+    Clip indices land in meta['clip_index'].
+    """
+    if _WORKER is None:
+        raise RuntimeError("record_task needs init_worker first")
+    first, count, seed = task
+    clips = record_clips(_WORKER[0], _WORKER[1], seed, count)
+    for j, clip in enumerate(clips):
+        clip["meta"]["clip_index"] = first + j
+    return clips

@@ -71,7 +71,7 @@ class EvalClip:
         """The true frames uint8 [N, H, W, 3] at world poses c2w [N, 4, 4], fitted like the clip's video."""
         if self.scene is None:
             raise RuntimeError(f"{self.name}: no synthetic scene to render ({self.scene_note})")
-        from data.synthetic.render import render
+        from data.synthetic import render
 
         H0, W0 = self.native_hw
         rgb, _ = render(self.scene, torch.as_tensor(c2w).float(), self.native_K.float(), H0, W0)
@@ -85,11 +85,7 @@ def scene_from_meta(meta: dict) -> tuple[Optional[Any], str]:
     seed = next((meta[k] for k in SCENE_SEED_KEYS if isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool)), None)
     if seed is None:
         return None, f"meta has no integer scene seed (looked for {list(SCENE_SEED_KEYS)}; source={meta.get('source')!r})"
-    try:
-        from data.synthetic.config import SceneConfig
-        from data.synthetic.scene import Scene
-    except ImportError as e:  # pragma: no cover - data.synthetic ships with the package
-        return None, f"data.synthetic is not importable: {e}"
+    from data.synthetic import Scene, SceneConfig
     cfg_dict = meta.get("scene_config")
     try:
         cfg = SceneConfig(**cfg_dict) if isinstance(cfg_dict, dict) else None
@@ -113,7 +109,7 @@ def prepare_clip(clip: dict, name: str, height: int, width: int, scene_match_psn
     out = EvalClip(name, frames, K, c2w, str(clip.get("caption") or ""), meta, K_native[0], (H0, W0))
     scene, note = scene_from_meta(meta)
     if scene is not None:
-        from data.synthetic.render import render
+        from data.synthetic import render
 
         try:
             rgb, _ = render(scene, c2w[:1].float(), K_native[0].float(), H0, W0)

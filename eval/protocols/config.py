@@ -24,9 +24,8 @@ class WalkConfig:
 
     Categories: ``move`` (a translation key, or a diagonal pair with ``diagonal_prob``), ``rotate``
     (yaw, or pitch with ``pitch_prob``), ``move_rotate`` (both), ``rotate_rotate`` (yaw + pitch),
-    ``still``. Pitch keeps the view within ``max_pitch_deg`` of the start camera's horizon; with a
-    known scene, a move that would bring the camera within ``margin`` of an object or wall becomes a
-    turn (the applied keys are what is recorded, so keys and poses always agree).
+    ``still``. Pitch keeps the view within ``max_pitch_deg`` of the start camera's horizon. Used for
+    clips without a synthetic scene; synthetic clips use the data package's own planner.
     """
 
     segment_min: int = 2  # latents a sampled action is held for, at least ...
@@ -39,7 +38,6 @@ class WalkConfig:
     diagonal_prob: float = 0.2
     pitch_prob: float = 0.25
     max_pitch_deg: float = 15.0
-    margin: float = 0.35  # clearance kept from objects and walls when the scene is known
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -51,8 +49,8 @@ class WalkConfig:
         for name in ("diagonal_prob", "pitch_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"WalkConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
-        if self.max_pitch_deg < 0 or self.margin < 0:
-            raise ValueError(f"WalkConfig: max_pitch_deg and margin must be >= 0, got {self.max_pitch_deg}, {self.margin}")
+        if self.max_pitch_deg < 0:
+            raise ValueError(f"WalkConfig.max_pitch_deg must be >= 0, got {self.max_pitch_deg}")
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """The ``long`` protocol: go out along a random composite path and come back along the same poses.
 
-Per clip, from its first frame and pose: an outbound random walk (``eval.protocols.walks``; with
-a verified synthetic scene it stays in free space) of n latents, then the same poses in reverse
-(``out_and_back``), T latents in all: ``long_latents``, or ``long_window_multiple`` times the
-model's training window, rounded up to whole rollout units. On the return path every latent frame
-(the last frame of its group: the one whose pose the model was given) is compared
+Per clip, a revisit path of T latents (``long_latents``, or ``long_window_multiple`` times the
+model's training window, rounded up to whole rollout units): out along a random path, then the
+same poses in reverse (``eval.protocols.walks.plan_path``: the synthetic world's own planner when
+the clip's scene is known, else a walk from the clip's first frame and pose). On the return path
+every latent frame (the last frame of its group: the one whose pose the model was given) is
+compared
 
 - (a) ``truth_*``: with the synthetic world's true render at that pose (synthetic data only);
 - (b) ``self_*``: with the frame generated at the same pose on the way out (the paper's protocol).
@@ -26,7 +27,7 @@ from eval.protocols.clips import EvalClip
 from eval.protocols.config import ProtocolConfig
 from eval.protocols.runner import VideoModel
 from eval.protocols.scoring import Example, ProtocolResult, camera_scores, frame_scores, mean_curve, nanmean
-from eval.protocols.walks import out_and_back, random_walk
+from eval.protocols.walks import plan_path
 
 __all__ = ["run_long", "long_length"]
 
@@ -60,37 +61,32 @@ def run_long(model: VideoModel, clips: list[EvalClip], cfg: ProtocolConfig, lpip
     idx = latent_frame_index(F, s).numpy()
     curves: dict[str, list] = {}
     for i, clip in enumerate(clips):
-        rng = np.random.default_rng([cfg.seed, i, 1])
-        n = (T + 1) // 2
-        _, c2w_out, walk_notes = random_walk(n, rng, model.settings.steps, cfg.walk, clip.c2w[0], clip.scene)
-        c2w, pairs = out_and_back(c2w_out, T)
+        path = plan_path("revisit", clip, T, s, model.settings.steps, np.random.default_rng([cfg.seed, i, 1]), cfg.walk)
         K0 = clip.K[0]
-        gen = model.generate(clip.video[0], c2w, K0, clip.caption, seed=cfg.seed + i)
+        gen = model.generate(path.image, path.c2w, K0, clip.caption, seed=cfg.seed + i)
         lat = gen[idx]  # [T, H, W, 3]: the frame of each latent
-        ret, out = pairs[:, 0].numpy(), pairs[:, 1].numpy()
+        ret, out = path.pairs[:, 0].numpy(), path.pairs[:, 1].numpy()
         x = (ret * s).tolist()  # frame index of each return latent
-        row = {"clip": clip.name, "latents": T, "frames": F, "return_latents": len(ret), "notes": walk_notes}
+        row = {"clip": clip.name, "latents": T, "frames": F, "return_latents": len(ret), "path": path.source, "notes": path.notes}
         self_scores = frame_scores(lat[ret], lat[out], lpips, cfg.psnr_cap)
         row.update({f"self_{k}": float(v.mean()) for k, v in self_scores.items()})
         for k, v in self_scores.items():
             curves.setdefault(f"self_{k}", []).append((x, v.tolist()))
-        cam = camera_scores(lat, K0, c2w, cfg.pose_mode, cfg.estimator)
+        cam = camera_scores(lat, K0, path.c2w, cfg.pose_mode, cfg.estimator)
         row.update({k: cam[k] for k in _CAM})
-        truth = None
-        if clip.scene is not None:
-            truth = clip.render(c2w)
-            truth_scores = frame_scores(lat[ret], truth[ret], lpips, cfg.psnr_cap)
+        if path.truth is not None:
+            truth_scores = frame_scores(lat[ret], path.truth[ret], lpips, cfg.psnr_cap)
             row.update({f"truth_{k}": float(v.mean()) for k, v in truth_scores.items()})
             for k, v in truth_scores.items():
                 curves.setdefault(f"truth_{k}", []).append((x, v.tolist()))
-            oracle = camera_scores(truth, K0, c2w, cfg.pose_mode, cfg.estimator)
+            oracle = camera_scores(path.truth, K0, path.c2w, cfg.pose_mode, cfg.estimator)
             row.update({f"gt_{k}": oracle[k] for k in _CAM})
         else:
-            row["truth_reason"] = clip.scene_note
+            row["truth_reason"] = clip.scene_note or "; ".join(path.notes)
         res.clips.append(row)
         if len(res.examples) < cfg.num_examples:
-            if truth is not None:
-                res.examples.append(Example(f"long {clip.name} (return path)", truth[ret], lat[ret], "true render"))
+            if path.truth is not None:
+                res.examples.append(Example(f"long {clip.name} (return path)", path.truth[ret], lat[ret], "true render"))
             else:
                 res.examples.append(Example(f"long {clip.name} (return path)", lat[out], lat[ret], "generated on the way out"))
     no_truth = [c for c in res.clips if "truth_reason" in c]

@@ -126,6 +126,7 @@ class VideoModel:
     ):
         self.model, self.autoencoder, self.text_encoder = model, autoencoder, text_encoder
         self.settings, self.device, self.name = settings, torch.device(device), name
+        self.meta: dict[str, Any] = {}  # the bundle's meta.json when loaded from a bundle
         s = autoencoder.spatial_stride
         if settings.height % s or settings.width % s:
             raise ValueError(f"{name}: video size {settings.height}x{settings.width} is not a multiple of the autoencoder's spatial stride {s}")

@@ -13,7 +13,6 @@ pose the model was given (``data.latents``), so every compared pose is known exa
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -28,6 +27,7 @@ from eval.lpips import LPIPS
 from eval.metrics import psnr, ssim
 
 __all__ = [
+    "LPIPS_MIN_SIZE",
     "Example",
     "ProtocolResult",
     "frame_scores",
@@ -36,6 +36,8 @@ __all__ = [
     "nanmean",
     "mean_curve",
 ]
+
+LPIPS_MIN_SIZE = 31  # AlexNet's two stride-2 pools after its stride-4 conv leave nothing of smaller frames
 
 
 @dataclass
@@ -85,7 +87,8 @@ def mean_curve(rows: Sequence[tuple[Sequence[int], Sequence[float]]], xlabel: st
 
 
 def frame_scores(gen: np.ndarray, ref: np.ndarray, lpips: Optional[LPIPS], psnr_cap: float) -> dict[str, np.ndarray]:
-    """Per-frame "psnr" (dB, capped at ``psnr_cap``), "ssim" and, when LPIPS is available, "lpips".
+    """Per-frame "psnr" (dB, capped at ``psnr_cap``), "ssim" and "lpips" (when LPIPS is available and the
+    frames are at least ``LPIPS_MIN_SIZE`` pixels on each side).
 
     gen, ref: uint8 [N, H, W, 3]. Values are float64 [N].
     """
@@ -96,7 +99,7 @@ def frame_scores(gen: np.ndarray, ref: np.ndarray, lpips: Optional[LPIPS], psnr_
         "psnr": psnr(a, b).clamp(max=psnr_cap).numpy(),
         "ssim": ssim(a, b).numpy(),
     }
-    if lpips is not None and lpips.available:
+    if lpips is not None and lpips.available and min(gen.shape[1:3]) >= LPIPS_MIN_SIZE:
         vals = []
         with torch.no_grad():
             for i in range(0, a.shape[0], 16):  # bounded memory at high resolution
@@ -150,9 +153,7 @@ def action_scores(
         scaled = rel.clone()
         scaled[:, :3, 3] *= res["scale"]
         rule = MotionThresholds(translation=res["threshold"], direction_deg=cfg.direction_deg, rotation_deg=cfg.rotation_deg)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            t_est, r_est = step_classes(scaled, rule)
+        t_est, r_est = step_classes(scaled, rule)
         ok = torch.isfinite(rel).flatten(1).all(dim=1)
         ref_t, ref_r = group_class(keys[1:, :4]), group_class(keys[1:, 4:])
         hits = ((t_est == ref_t) & (r_est == ref_r) & ok).tolist()

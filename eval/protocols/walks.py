@@ -1,29 +1,39 @@
 """Camera paths of the ``long`` and ``action`` protocols, at latent rate, driven by held keys.
 
+:func:`plan_path` picks the source. A clip with a verified synthetic scene gets the data package's
+own planner (``data.synthetic.plan_trajectory``: the trajectories training clips are made of,
+collision-free, ``revisit`` returning bit-exactly), run at the model's stride and motion steps,
+and the true render of its first pose becomes the conditioning image. Any other clip starts at its
+own first frame and pose with the walk below (no scene, so no collision checks).
+
 ``random_walk`` draws WorldCompass-style composite actions (single moves, rotations, move +
 rotation, yaw + pitch, standing still), each held for a segment of latents, and integrates them
 with ``data.actions.keys_to_motion`` (one key step per latent: the bundle's ``MotionSteps``). The
 returned keys are the ones applied, so ``data.actions.poses_to_keys`` of the poses gives them back.
+It knows nothing of obstacles: it is for clips without a scene.
 ``out_and_back`` turns an outbound path into a revisit path whose return poses are *exact* copies
 of outbound poses (the pose list reversed), so every return latent has an outbound twin.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from data.actions import NUM_KEYS, MotionSteps, action_id_to_keys, keys_to_motion
-from data.geometry import camera_center, camera_forward, invert_rigid
+from data.actions import NUM_KEYS, MotionSteps, action_id_to_keys, keys_to_motion, poses_to_keys
+from data.geometry import camera_forward, invert_rigid
+from data.latents import latent_frame_index, latent_keys_from_frames, num_frames
+from eval.protocols.clips import EvalClip
 from eval.protocols.config import WalkConfig
 
-__all__ = ["random_walk", "out_and_back"]
+__all__ = ["EvalPath", "plan_path", "random_walk", "out_and_back"]
 
-_W, _S, _D, _A = 1, 2, 3, 4  # translation classes (data.actions group table)
-_YAW_R, _YAW_L, _UP, _DOWN = 1, 2, 3, 4  # rotation classes; 5..8 are yaw + pitch pairs
+# Translation classes: 1..4 single keys (W, S, D, A), 5..8 diagonal pairs; rotation classes: 1..4
+# yaw right, yaw left, pitch up, pitch down, 5..8 yaw + pitch pairs (the data.actions group table).
 # Rotation class -> (yaw class, pitch class) and back (data.actions pair table: R+up, R+down, L+up, L+down).
 _SPLIT = {0: (0, 0), 1: (1, 0), 2: (2, 0), 3: (0, 3), 4: (0, 4), 5: (1, 3), 6: (1, 4), 7: (2, 3), 8: (2, 4)}
 _JOIN = {v: k for k, v in _SPLIT.items()}
@@ -63,13 +73,11 @@ def random_walk(
     steps: MotionSteps = MotionSteps(),
     cfg: Optional[WalkConfig] = None,
     c2w0: Optional[Tensor] = None,
-    scene: Optional[Any] = None,
-) -> tuple[Tensor, Tensor, list[str]]:
+) -> tuple[Tensor, Tensor]:
     """Keys bool [T, 8] (keys[0] none) and world poses c2w float64 [T, 4, 4] of a random composite walk.
 
-    c2w0 [4, 4]: the start pose (identity by default). ``scene`` (a ``data.synthetic`` Scene): moves
-    that would leave free space (``Scene.free`` with ``cfg.margin``) become turns. Returns notes too
-    (e.g. when the start itself is not free and collisions cannot be checked).
+    c2w0 [4, 4]: the start pose (identity by default). A pitch step that would take the view more
+    than ``cfg.max_pitch_deg`` from the start camera's horizon is dropped from that latent.
     """
     cfg = cfg or WalkConfig()
     cfg.validate()
@@ -77,38 +85,26 @@ def random_walk(
         raise ValueError(f"random_walk: num_latents must be >= 1, got {num_latents}")
     pose = torch.eye(4, dtype=torch.float64) if c2w0 is None else torch.as_tensor(c2w0, dtype=torch.float64).clone()
     start_inv = invert_rigid(pose)
-    notes: list[str] = []
-    check = scene is not None
-    if check and not bool(scene.free(camera_center(pose), cfg.margin)):
-        check = False
-        notes.append(f"start pose is within {cfg.margin} of an object or wall: collisions not checked")
-
     ids = [0]
     poses = [pose]
-    t_cls, r_cls, left = 0, 0, 0
+    t, r_held, left = 0, 0, 0
     while len(ids) < num_latents:
         if left == 0:
-            t_cls, r_cls = _sample_action(rng, cfg)
+            t, r_held = _sample_action(rng, cfg)
             left = int(rng.integers(cfg.segment_min, cfg.segment_max + 1))
-        t, r = t_cls, r_cls
+        r = r_held
         yaw, pitch = _SPLIT[r]
-        if pitch:  # keep the view within the pitch band: drop a pitch step that would leave it
-            elev = _elevation_deg(pose @ keys_to_motion(action_id_to_keys(torch.tensor(_JOIN[(0, pitch)])), steps), start_inv)
-            if abs(elev) > cfg.max_pitch_deg:
+        if pitch:  # keep the view within the pitch band
+            tilted = pose @ keys_to_motion(action_id_to_keys(torch.tensor(_JOIN[(0, pitch)])), steps)
+            if abs(_elevation_deg(tilted, start_inv)) > cfg.max_pitch_deg:
                 r = _JOIN[(yaw, 0)]
-        nxt = pose @ keys_to_motion(action_id_to_keys(torch.tensor(9 * t + r)), steps)
-        if check and t and not bool(scene.free(camera_center(nxt), cfg.margin)):
-            # Blocked: turn instead for the rest of the segment (a turn never moves the camera).
-            t_cls, r_cls = 0, _JOIN[(yaw or int(rng.integers(1, 3)), 0)]
-            t, r = t_cls, r_cls
-            nxt = pose @ keys_to_motion(action_id_to_keys(torch.tensor(r)), steps)
+        pose = pose @ keys_to_motion(action_id_to_keys(torch.tensor(9 * t + r)), steps)
         ids.append(9 * t + r)
-        poses.append(nxt)
-        pose = nxt
+        poses.append(pose)
         left -= 1
     keys = action_id_to_keys(torch.tensor(ids, dtype=torch.int64))
     assert keys.shape == (num_latents, NUM_KEYS)
-    return keys, torch.stack(poses), notes
+    return keys, torch.stack(poses)
 
 
 def out_and_back(c2w_out: Tensor, num_latents: int) -> tuple[Tensor, Tensor]:
@@ -126,3 +122,63 @@ def out_and_back(c2w_out: Tensor, num_latents: int) -> tuple[Tensor, Tensor]:
     c2w = torch.cat([c2w_out, c2w_out[-1:].expand(pause, 4, 4), c2w_out[back]])
     ret = torch.arange(n + pause, num_latents)
     return c2w, torch.stack([ret, back], dim=1)
+
+
+@dataclass
+class EvalPath:
+    """A latent-rate camera path to generate along, with what it is compared against.
+
+    c2w [T, 4, 4] world poses and keys [T, 8] (keys[0] none) of the latents; image uint8 [H, W, 3]
+    the conditioning frame; truth uint8 [T, H, W, 3] the true latent frames (synthetic scenes
+    only); pairs int64 [P, 2] of (return latent, outbound latent) with identical poses (revisit).
+    """
+
+    c2w: Tensor
+    keys: Tensor
+    image: np.ndarray
+    truth: Optional[np.ndarray]
+    pairs: Optional[Tensor]
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _planned(kind: str, clip: EvalClip, T: int, stride: int, steps: MotionSteps, rng: np.random.Generator) -> EvalPath:
+    """The synthetic planner's trajectory at the model's stride and steps, rendered."""
+    from data.synthetic import TrajectoryConfig, plan_trajectory
+
+    tcfg = TrajectoryConfig(stride=stride, latent_translation=steps.translation, latent_rotation_deg=steps.rotation_deg)
+    F = num_frames(T, stride)
+    traj = plan_trajectory(kind, clip.scene, F, rng, tcfg)
+    c2w = traj.c2w[latent_frame_index(F, stride)]
+    keys = latent_keys_from_frames(traj.keys, stride)
+    truth = clip.render(c2w)
+    pairs = None
+    if kind == "revisit":
+        turn, pause = traj.info["turn_frame"] // stride, traj.info["pause_frames"] // stride
+        ret = torch.arange(turn + pause + 1, T)
+        pairs = torch.stack([ret, 2 * turn + pause - ret], dim=1)
+        if not torch.equal(c2w[pairs[:, 0]], c2w[pairs[:, 1]]):
+            raise RuntimeError(f"{clip.name}: the planned revisit path does not return through its outbound poses")
+    return EvalPath(c2w, keys, truth[0], truth, pairs, f"data.synthetic {kind} planner")
+
+
+def plan_path(
+    kind: str, clip: EvalClip, num_latents: int, stride: int, steps: MotionSteps, rng: np.random.Generator,
+    cfg: Optional[WalkConfig] = None,
+) -> EvalPath:
+    """A ``revisit`` or ``random`` path of ``num_latents`` latents for ``clip`` (see the module docstring)."""
+    if kind not in ("revisit", "random"):
+        raise ValueError(f"plan_path: kind must be 'revisit' or 'random', got {kind!r}")
+    notes: list[str] = []
+    if clip.scene is not None:
+        try:
+            return _planned(kind, clip, num_latents, stride, steps, rng)
+        except ValueError as e:  # e.g. no free start in this scene
+            notes.append(f"synthetic planner failed ({e}): walked from the clip's first pose instead")
+    n = (num_latents + 1) // 2 if kind == "revisit" else num_latents
+    keys, c2w = random_walk(n, rng, steps, cfg, clip.c2w[0])
+    pairs = None
+    if kind == "revisit":
+        c2w, pairs = out_and_back(c2w, num_latents)
+        keys = poses_to_keys(c2w)  # the keys the poses imply (the return inverts the outbound motion)
+    return EvalPath(c2w, keys, clip.video[0], None, pairs, "walk from the clip's first pose", notes)

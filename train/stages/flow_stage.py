@@ -105,6 +105,14 @@ class FlowStage(Stage):
     def build_data(self, ctx: StageContext):
         return build_train_loader(self.cfg.data, self.autoencoder.temporal_stride, seed=ctx.seed, rank=ctx.rank, world=ctx.world_size)
 
+    # The noise / sigma / dropout generator is checkpointed, so a resumed run draws what the uninterrupted one would.
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()} if self.generator is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "generator" in state and self.generator is not None:
+            self.generator.set_state(state["generator"].cpu())
+
     # ---------------------------------------------------------------- the step
     def make_inputs(self, batch: dict[str, Any], x0: torch.Tensor, step: int) -> ModelInputs:
         raise NotImplementedError

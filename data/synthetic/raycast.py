@@ -5,12 +5,12 @@ One ray per pixel through the pixel centre (the continuous-coordinate convention
 normalised: their camera-frame z component is 1, so the ray parameter ``t`` of a hit *is* its
 z-depth, the quantity ``data.geometry.project`` returns.
 
-Every ray is intersected with every object at once, one tensor expression per object kind, laid
-out [frames, objects, pixels] so reductions over objects run along contiguous pixels. On CPU,
-boolean masks and ``torch.where`` cost several times an arithmetic op, so misses are pushed to
-a huge distance arithmetically, and the nearest hit's row is found with one integer ``amin`` over
-distances whose low bits carry the row index. Frames go through in blocks of about
-``chunk_rays`` rays so that the [frames, objects, pixels] temporaries stay in cache.
+Frames go through in blocks. Objects whose bounding sphere misses every view frustum of a block
+are culled; every ray of the block is then intersected with every remaining object at once, one
+tensor expression per object kind, laid out [frames, objects, pixels] so that reductions over
+objects run along contiguous pixels. On CPU, boolean masks and ``torch.where`` cost several times
+an arithmetic op, so misses are pushed to a huge distance arithmetically, and the nearest hit is
+found with one integer ``amin`` over distances whose low bits carry the object's position.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _boxes(c: Tensor, h: Tensor, cs: Tensor, sn: Tensor, o: Tensor, d: Tensor, i
     dx, dz = d[:, 0:1], d[:, 2:3]  # [Fc, 1, P]
     hx, hy, hz = h[:, 0:1], h[:, 1:2], h[:, 2:3]
     # Local x axis of box n in world is (cs, 0, -sn), local z axis is (sn, 0, cs).
-    inv_x = (dx * cs).sub_(dz * sn).reciprocal_()
+    inv_x = (dx * cs).add_(dz * sn).reciprocal_()
     ox = cs * qx - sn * qz
     near, far = _slab(inv_x, -hx - ox, hx - ox)
     inv_z = (dx * sn).add_(dz * cs).reciprocal_()
@@ -204,12 +204,21 @@ def _check_inputs(c2w: Tensor, K: Tensor, height: int, width: int) -> None:
 
 
 def render(
-    scene: Scene, c2w: Tensor, K: Tensor, height: int, width: int, *, chunk_rays: int = 8192
+    scene: Scene,
+    c2w: Tensor,
+    K: Tensor,
+    height: int,
+    width: int,
+    *,
+    trace_rays: int = 32768,
+    shade_rays: int = 131072,
 ) -> tuple[Tensor, Tensor]:
     """Render frames of ``scene`` seen by cameras c2w [F, 4, 4] (OpenCV) with intrinsics K [3, 3] or [F, 3, 3].
 
     Returns RGB uint8 [F, H, W, 3] and z-depth float32 [F, H, W], on c2w's device. Cameras must be
-    inside the room and outside every object (the trajectories guarantee it).
+    inside the room and outside every object (the trajectories guarantee it). Frames are traced
+    in blocks of about ``trace_rays`` rays (the [frames, objects, pixels] temporaries stay in
+    cache) and shaded in blocks of about ``shade_rays`` (per-ray ops large enough to use threads).
     """
     _check_inputs(c2w, K, height, width)
     device = c2w.device
@@ -217,22 +226,22 @@ def render(
     tables = prepare(scene)
     F, P = c2w.shape[0], height * width
     rays = camera_rays(K.to(device), height, width)  # [3, P] or [F, 3, P]
-    if rays.ndim == 2:
-        rays = rays[None]
+    planes = frustum_planes(K.to(device), height, width)  # [4, 3] or [F, 4, 3]
     R = c2w[:, :3, :3].float()
     origin = c2w[:, :3, 3].float()
-    planes = frustum_planes(K.to(device), height, width)  # [4, 3] or [F, 4, 3]
     rgb = torch.empty(F, P, 3, dtype=torch.uint8, device=device)
     depth = torch.empty(F, P, dtype=torch.float32, device=device)
-    block = max(1, chunk_rays // P)
+    row = torch.empty(F, P, dtype=torch.int64, device=device)
+    sub = max(1, trace_rays // P)
+    block = max(sub, shade_rays // P // sub * sub)
     for f0 in range(0, F, block):  # cache blocking over frames; all work inside is vectorised
         f1 = min(F, f0 + block)
-        cam = rays if rays.shape[0] == 1 else rays[f0:f1]
-        d = R[f0:f1] @ cam  # [Fc, 3, P] world directions
-        o = origin[f0:f1]
-        rows = visible_rows(scene, o, R[f0:f1], planes if planes.ndim == 2 else planes[f0:f1])
-        t, row = trace(scene, o, d, rows)
-        color = shade(scene, tables, o, d, t, row)  # [Fc, P, 3]
+        d = R[f0:f1] @ (rays if rays.ndim == 2 else rays[f0:f1])  # [Fb, 3, P] world directions
+        for s0 in range(f0, f1, sub):
+            s1 = min(f1, s0 + sub)
+            o, ds = origin[s0:s1], d[s0 - f0 : s1 - f0]
+            rows = visible_rows(scene, o, R[s0:s1], planes if planes.ndim == 2 else planes[s0:s1])
+            depth[s0:s1], row[s0:s1] = trace(scene, o, ds, rows)
+        color = shade(scene, tables, origin[f0:f1], d, depth[f0:f1], row[f0:f1])  # [Fb, P, 3]
         rgb[f0:f1] = color.mul_(255.0).round_().to(torch.uint8)
-        depth[f0:f1] = t
     return rgb.view(F, height, width, 3), depth.view(F, height, width)

@@ -1,0 +1,33 @@
+"""The procedural synthetic world: seeded scenes, exact ray-cast RGB + depth, key-driven trajectories.
+
+    scene = Scene.random(seed)                                   # same seed -> same world
+    keys, c2w = make_trajectory("revisit", scene, 65, rng)       # bool [F, 8], float64 [F, 4, 4]
+    rgb, depth = render(scene, c2w, K, H, W)                     # uint8 [F, H, W, 3], float32 [F, H, W]
+    clip = make_clip(seed)                                       # a contract clip (data.contract)
+
+``python -m data.synthetic --out DIR --clips N ...`` writes shards (see ``__main__``).
+"""
+
+from data.synthetic.clip import derive_seed, make_clip
+from data.synthetic.config import SceneConfig, SyntheticConfig, TrajectoryConfig
+from data.synthetic.raycast import render
+from data.synthetic.scene import Box, Cylinder, Scene, Sphere
+from data.synthetic.trajectories import TRAJECTORY_KINDS, Trajectory, frame_steps, make_trajectory, plan_trajectory
+
+__all__ = [
+    "Box",
+    "Cylinder",
+    "Sphere",
+    "Scene",
+    "SceneConfig",
+    "SyntheticConfig",
+    "TrajectoryConfig",
+    "TRAJECTORY_KINDS",
+    "Trajectory",
+    "derive_seed",
+    "frame_steps",
+    "make_clip",
+    "make_trajectory",
+    "plan_trajectory",
+    "render",
+]

@@ -1,0 +1,112 @@
+"""``python -m eval``: evaluate one or more bundles with the same protocols and write one report.
+
+    python -m eval --bundle runs/a/export/bundle --bundle runs/b/export/bundle \\
+        --protocol all --data data/heldout --out reports/a_vs_b [--num 8] [--seed 0] [--device cuda]
+
+Writes ``report.json``, ``report.md`` (one row per bundle), ``plots/*.png`` and ``strips/*.png``
+under ``--out``. Every bundle sees the same clips, seeds and action sequences, so rows compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from eval.lpips import LPIPS, LPIPSConfig
+from eval.protocols import ProtocolConfig, VideoModel, evaluate, load_clips, parse_protocols, prepare_clips
+from eval.report import BundleReport, ReportFiles, write_report
+
+__all__ = ["main", "evaluate_bundles", "bundle_names"]
+
+_META_KEYS = ("stage", "step", "config_hash", "code_version", "created", "parent")
+
+
+def bundle_names(paths: Sequence[str | Path]) -> list[str]:
+    """Short unique display names: the last path component(s) needed to tell the bundles apart."""
+    parts = [Path(p).resolve().parts for p in paths]
+    for k in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    raise ValueError(f"the same bundle is given twice: {[str(p) for p in paths]}")
+
+
+def evaluate_bundles(
+    bundles: Sequence[str | Path],
+    data: str | Path,
+    out: str | Path,
+    protocols: str | Sequence[str] = "all",
+    cfg: Optional[ProtocolConfig] = None,
+    names: Optional[Sequence[str]] = None,
+    log=print,
+) -> ReportFiles:
+    """Evaluate each bundle on the first ``cfg.num`` clips of ``data`` and write the report under ``out``."""
+    cfg = cfg or ProtocolConfig()
+    cfg.validate()
+    chosen = parse_protocols(protocols)
+    names = list(names) if names else bundle_names(bundles)
+    if len(names) != len(bundles):
+        raise ValueError(f"{len(names)} names for {len(bundles)} bundles")
+    raw = load_clips(data, cfg.num)
+    lpips = LPIPS(cfg.lpips).to(cfg.device)
+    log(f"[eval] {len(raw)} clips from {data}; protocols {chosen}; {lpips.status()}")
+    reports = []
+    for path, name in zip(bundles, names):
+        t0 = time.perf_counter()
+        model = VideoModel.from_bundle(path, device=cfg.device, dtype=cfg.dtype, steps=cfg.steps, name=name)
+        clips = prepare_clips(raw, model, cfg)
+        results = evaluate(model, clips, chosen, cfg, lpips)
+        meta = {k: model.meta.get(k) for k in _META_KEYS}
+        reports.append(BundleReport(name, str(Path(path).resolve()), results, meta, model.settings.to_dict()))
+        log(f"[eval] {name}: " + "; ".join(f"{p} {r.seconds:.1f}s" for p, r in results.items())
+            + f" ({time.perf_counter() - t0:.1f}s)")
+        del model
+    return write_report(out, reports, config=dataclasses.asdict(cfg), lpips_status=lpips.status(),
+                        lpips_available=lpips.available, data=str(Path(data).resolve()), strip_frames=cfg.strip_frames)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", action="append", required=True, help="bundle directory (repeat to compare bundles)")
+    p.add_argument("--name", action="append", help="display name per bundle (repeat, in --bundle order)")
+    p.add_argument("--protocol", default="all", help="short | long | action | all (or a comma-separated list)")
+    p.add_argument("--data", required=True, help="dataset directory (index.json + shards) of held-out clips")
+    p.add_argument("--out", required=True, help="report directory")
+    d = ProtocolConfig()
+    p.add_argument("--num", type=int, default=d.num, help=f"clips per protocol (default {d.num})")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default=d.dtype, choices=["fp32", "bf16"], help="DiT weights dtype")
+    p.add_argument("--steps", type=int, default=None, help="override the bundles' denoising steps")
+    p.add_argument("--short-latents", type=int, default=d.short_latents)
+    p.add_argument("--long-latents", type=int, default=None, help="default: 4 x each bundle's training window")
+    p.add_argument("--action-latents", type=int, default=d.action_latents)
+    p.add_argument("--lpips-trunk", default=None, help="torchvision alexnet-owt-7be5be79.pth (default: $TORCH_HOME)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> ReportFiles:
+    """Parse arguments, evaluate, write the report and print where it is."""
+    args = _parser().parse_args(argv)
+    cfg = ProtocolConfig(
+        num=args.num, seed=args.seed, device=args.device, dtype=args.dtype, steps=args.steps,
+        short_latents=args.short_latents, long_latents=args.long_latents, action_latents=args.action_latents,
+        lpips=LPIPSConfig(trunk_path=args.lpips_trunk),
+    )
+    try:
+        files = evaluate_bundles(args.bundle, args.data, args.out, args.protocol, cfg, args.name)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"python -m eval: {e}") from e
+    summary = files.markdown.read_text().split("## Summary", 1)[-1].split("\n## ", 1)[0]
+    print("\n".join(line for line in summary.splitlines() if line.startswith("|")))
+    print(f"[eval] report: {files.markdown} ({len(files.plots)} plots, {len(files.strips)} strips)")
+    return files
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
