@@ -33,13 +33,10 @@ from typing import Any, Mapping, Optional
 from data.actions import MotionSteps, MotionThresholds
 from infer.errors import InferError
 from models.rollout import RolloutConfig
+from models.sampling import VIDEO_KEYS, split_sampling
 
 __all__ = ["PlayerConfig", "VideoSettings", "VIDEO_KEYS", "resolve_settings"]
 
-VIDEO_KEYS = (
-    "height", "width", "fps", "model_type", "translation_step", "rotation_step_deg",
-    "translation_threshold", "rotation_threshold_deg", "fov_x_deg", "negative_prompt",
-)
 DEFAULT_FPS = 16.0
 
 
@@ -92,31 +89,16 @@ class VideoSettings:
         return dataclasses.asdict(self)
 
 
-def _rollout_config(section: Mapping[str, Any], where: str) -> RolloutConfig:
-    from omegaconf import OmegaConf
-
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RolloutConfig), dict(section)))
-    except Exception as e:  # omegaconf's validation errors, and RolloutConfig.validate's ValueError
-        raise InferError(f"{where}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-
-
 def resolve_settings(sampling: Mapping[str, Any], cfg: PlayerConfig, where: str) -> tuple[RolloutConfig, VideoSettings]:
     """The rollout config and video settings of a bundle's ``sampling`` section with ``cfg``'s overrides.
 
     ``where`` names the bundle in errors. Raises InferError on unknown keys, missing resolution,
     bad values or motion steps that the action thresholds would not register.
     """
-    sampling = dict(sampling)
-    rollout_keys = {f.name for f in dataclasses.fields(RolloutConfig)}
-    unknown = sorted(set(sampling) - rollout_keys - set(VIDEO_KEYS))
-    if unknown:
-        raise InferError(
-            f"{where}: sampling has unknown keys {unknown}; expected RolloutConfig fields {sorted(rollout_keys)} "
-            f"or video keys {list(VIDEO_KEYS)}"
-        )
-    video = {k: sampling.pop(k) for k in VIDEO_KEYS if k in sampling}
-    rcfg = _rollout_config(sampling, f"{where}: sampling")
+    try:
+        rcfg, video = split_sampling(sampling, where)
+    except ValueError as e:
+        raise InferError(str(e)) from None
 
     sources: dict[str, str] = {}
 
@@ -139,8 +121,6 @@ def resolve_settings(sampling: Mapping[str, Any], cfg: PlayerConfig, where: str)
         )
     fps = float(pick("fps", cfg.fps, DEFAULT_FPS))
     model_type = video.get("model_type")
-    if model_type not in (None, "ar", "bidirectional"):
-        raise InferError(f"{where}: sampling.model_type must be 'ar' or 'bidirectional', got {model_type!r}")
     if model_type == "bidirectional" and rcfg.mode != "window":
         warnings.warn(
             f"{where}: a bidirectional model with sampling.mode={rcfg.mode!r}; running it in window mode "

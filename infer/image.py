@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from data.transforms import crop_box, crop_resize_frames
+
 from infer.errors import InferError
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
@@ -51,22 +53,12 @@ def as_rgb(image: ImageLike, where: str = "image") -> np.ndarray:
 
 def center_crop_box(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> tuple[int, int, int, int]:
     """(top, left, crop_h, crop_w): the largest centred window of ``src_hw`` with the aspect of ``dst_hw``."""
-    H, W = src_hw
-    h, w = dst_hw
-    target = w / h
-    ch, cw = (H, int(round(H * target))) if W / H > target else (int(round(W / target)), W)
-    ch, cw = max(1, min(ch, H)), max(1, min(cw, W))
-    return (H - ch) // 2, (W - cw) // 2, ch, cw
+    return crop_box(src_hw, dst_hw)
 
 
 def fit_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Centre-crop RGB uint8 [H, W, 3] to the aspect of (height, width) and resize to it."""
-    top, left, ch, cw = center_crop_box(image.shape[:2], (height, width))
-    crop = image[top : top + ch, left : left + cw]
-    if (ch, cw) != (height, width):
-        interp = cv2.INTER_AREA if ch > height else cv2.INTER_LINEAR
-        crop = cv2.resize(crop, (width, height), interpolation=interp)
-    return np.ascontiguousarray(crop)
+    return crop_resize_frames(image, crop_box(image.shape[:2], (height, width)), (height, width))
 
 
 def to_video_tensor(image: np.ndarray) -> Tensor:

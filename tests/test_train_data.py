@@ -9,7 +9,8 @@ from data.geometry import make_intrinsics, project
 from data.indexed import ShardDataset
 from data.poseio import parse_pose_string
 from data.shards import ShardWriter
-from train.data import DataConfig, build_train_loader, crop_resize
+from data.transforms import crop_resize
+from train.data import DataConfig, build_train_loader
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_crop_resize_keeps_points_in_place():
     uv, _ = project(K, torch.eye(4, dtype=torch.float64), pts)
     for rng in (None, np.random.default_rng(3)):
         _, K2 = crop_resize(video, K[None].numpy(), 20, 20, rng)
-        uv2, _ = project(torch.as_tensor(K2[0]), torch.eye(4, dtype=torch.float64), pts)
+        uv2, _ = project(K2[0], torch.eye(4, dtype=torch.float64), pts)
         # the crop is 40x40 out of 80x40 at some column offset, then halved
         left = (uv[0, 0] - uv2[0, 0] * 2).item()
         assert 0 <= left <= 40 and abs(left - round(left)) < 1e-9

@@ -16,14 +16,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from data.actions import MotionThresholds, keys_to_action_id
-from data.geometry import crop_intrinsics, invert_rigid, normalize_intrinsics, rebase_to_first, resize_intrinsics
+from data.geometry import invert_rigid, normalize_intrinsics, rebase_to_first
 from data.indexed import ShardDataset
+from data.transforms import crop_resize
 from data.latents import latent_action_ids, latent_frame_index, latent_keys_from_frames, num_frames
 from train.resumable import ResumableLoader
 
@@ -53,23 +53,6 @@ def _seed_for(*parts: int) -> int:
     for p in parts:
         h = (h ^ (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
     return h & 0x7FFFFFFFFFFFFFFF
-
-
-def crop_resize(video: np.ndarray, K: np.ndarray, height: int, width: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
-    """Crop video [F, H, W, 3] to the target aspect (centre, or random if rng) and resize; K [F, 3, 3] follows."""
-    F, H, W, _ = video.shape
-    target = width / height
-    ch, cw = (H, int(round(H * target))) if W / H > target else (int(round(W / target)), W)
-    ch, cw = min(ch, H), min(cw, W)
-    top = (H - ch) // 2 if rng is None else int(rng.integers(0, H - ch + 1))
-    left = (W - cw) // 2 if rng is None else int(rng.integers(0, W - cw + 1))
-    Kt = crop_intrinsics(torch.as_tensor(K, dtype=torch.float64), top, left)
-    Kt = resize_intrinsics(Kt, (ch, cw), (height, width))
-    frames = video[:, top : top + ch, left : left + cw]
-    if (ch, cw) != (height, width):
-        interp = cv2.INTER_AREA if ch > height else cv2.INTER_LINEAR
-        frames = np.stack([cv2.resize(f, (width, height), interpolation=interp) for f in frames])
-    return np.ascontiguousarray(frames), Kt.numpy()
 
 
 class WindowDataset(Dataset):
@@ -115,6 +98,7 @@ def make_window(clip: dict, cfg: DataConfig, stride: int, rng: np.random.Generat
     start = 0 if cfg.window == "start" else int(rng.integers(0, F - F_win + 1))
     sl = slice(start, start + F_win)
     video, K = crop_resize(np.asarray(clip["video"][sl]), np.asarray(clip["K"][sl]), cfg.height, cfg.width, rng if cfg.crop == "random" else None)
+    K = K.numpy()
     c2w_frames = rebase_to_first(torch.as_tensor(np.asarray(clip["c2w"][sl]), dtype=torch.float64))
     idx = latent_frame_index(F_win, stride)
     c2w = c2w_frames[idx]
@@ -165,4 +149,4 @@ def tokens_per_sample(cfg: DataConfig, spatial_stride: int, patch: list[int] | t
     return cfg.num_latents // patch[0] * math.ceil(cfg.height / spatial_stride / patch[1]) * math.ceil(cfg.width / spatial_stride / patch[2])
 
 
-__all__ = ["DataConfig", "WindowDataset", "build_train_loader", "make_window", "crop_resize", "collate_windows", "tokens_per_sample"]
+__all__ = ["DataConfig", "WindowDataset", "build_train_loader", "make_window", "collate_windows", "tokens_per_sample"]

@@ -56,6 +56,27 @@ def train_stage(experiment: str, run_dir: Path, overrides: list[str]) -> dict[st
     return {"run_dir": str(run_dir), "bundle": str(run_dir / "export" / "bundle"), "steps": result.step, "loss_start": first, "loss_end": last, "seconds": round(time.time() - t0, 1)}
 
 
+def first_frame_png(data: Path, out: Path) -> Path:
+    """The first frame of the dataset's first clip as a PNG (the conditioning image)."""
+    import cv2
+
+    from data.indexed import ShardDataset
+
+    frame = ShardDataset(data)[0]["video"][0]
+    path = out / "first_frame.png"
+    cv2.imwrite(str(path), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    return path
+
+
+def render_video(bundle: Path, data: Path, out: Path, pose: str = "w-3, right-4, w-4, left-4, s-4, d-4") -> dict[str, Any]:
+    """Run the inference CLI on the bundle: walk out, turn, come back; returns the sidecar's timings."""
+    video = out / "walk.mp4"
+    cmd = [sys.executable, "-m", "infer", "--bundle", str(bundle), "--image", str(first_frame_png(data, out)), "--pose", pose, "--out", str(video), "--seed", "0"]
+    subprocess.run(cmd, check=True)
+    sidecar = json.loads(video.with_suffix(".json").read_text())
+    return {"video": str(video), "sidecar": str(video.with_suffix(".json")), "command": " ".join(cmd[1:]), "timings": sidecar.get("timings", {})}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = _args(sys.argv[1:] if argv is None else argv)
     out = Path(a.get("out", "outputs/demo")).resolve()
@@ -80,6 +101,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = [f"trainer.steps={a['midtrain_steps']}"] if "midtrain_steps" in a else []
     report["midtrain"] = train_stage("demo_midtrain", out / "midtrain", common + steps + [f"init={report['pretrain']['bundle']}"])
 
+    print("[demo] 4/5 inference: a video from the mid-trained bundle", flush=True)
+    report["video"] = render_video(Path(report["midtrain"]["bundle"]), data, out)
+
     report["seconds"] = round(time.time() - t_all, 1)
     (out / "demo_report.json").write_text(json.dumps(report, indent=1))
     print("\n[demo] done in {:.0f}s".format(report["seconds"]))
@@ -87,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for stage in ("pretrain", "midtrain"):
         r = report[stage]
         print(f"  {stage:<10} loss {r['loss_start']:.4f} -> {r['loss_end']:.4f} in {r['steps']} steps ({r['seconds']}s); bundle {r['bundle']}")
+    print(f"  video      {report['video']['video']} (sidecar {report['video']['sidecar']})")
     print(f"  report     {out / 'demo_report.json'}")
     for stage in ("pretrain", "midtrain"):
         r = report[stage]

@@ -64,7 +64,7 @@ def _boxes(c: Tensor, h: Tensor, cs: Tensor, sn: Tensor, o: Tensor, d: Tensor, i
     dx, dz = d[:, 0:1], d[:, 2:3]  # [Fc, 1, P]
     hx, hy, hz = h[:, 0:1], h[:, 1:2], h[:, 2:3]
     # Local x axis of box n in world is (cs, 0, -sn), local z axis is (sn, 0, cs).
-    inv_x = (dx * cs).add_(dz * sn).reciprocal_()
+    inv_x = (dx * cs).sub_(dz * sn).reciprocal_()
     ox = cs * qx - sn * qz
     near, far = _slab(inv_x, -hx - ox, hx - ox)
     inv_z = (dx * sn).add_(dz * cs).reciprocal_()

@@ -14,12 +14,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import cv2
 import numpy as np
 import torch
 from torch import Tensor
 
-from data.geometry import crop_intrinsics, resize_intrinsics
+from data.transforms import crop_resize
 from eval.metrics import psnr
 
 __all__ = ["EvalClip", "SCENE_SEED_KEYS", "fit_frames", "load_clips", "prepare_clip", "scene_from_meta"]
@@ -30,17 +29,7 @@ SCENE_SEED_KEYS = ("scene_seed", "seed")
 
 def fit_frames(video: np.ndarray, K: Tensor, height: int, width: int) -> tuple[np.ndarray, Tensor]:
     """Centre-crop frames uint8 [F, H0, W0, 3] to the aspect of (height, width) and resize; K [F, 3, 3] follows."""
-    F, H0, W0, _ = video.shape
-    target = width / height
-    ch, cw = (H0, int(round(H0 * target))) if W0 / H0 > target else (int(round(W0 / target)), W0)
-    ch, cw = min(ch, H0), min(cw, W0)
-    top, left = (H0 - ch) // 2, (W0 - cw) // 2
-    K = resize_intrinsics(crop_intrinsics(torch.as_tensor(K, dtype=torch.float64), top, left), (ch, cw), (height, width))
-    frames = video[:, top : top + ch, left : left + cw]
-    if (ch, cw) != (height, width):
-        interp = cv2.INTER_AREA if ch > height else cv2.INTER_LINEAR
-        frames = np.stack([cv2.resize(f, (width, height), interpolation=interp) for f in frames])
-    return np.ascontiguousarray(frames), K
+    return crop_resize(video, K, height, width)
 
 
 @dataclass

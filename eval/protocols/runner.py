@@ -26,14 +26,10 @@ from data.actions import MotionSteps, MotionThresholds
 from data.geometry import invert_rigid, is_rigid, normalize_intrinsics, rebase_to_first
 from data.latents import latent_action_ids, num_frames
 from models.rollout import Rollout, RolloutConfig
+from models.sampling import VIDEO_KEYS, split_sampling
 
 __all__ = ["EvalSettings", "VIDEO_KEYS", "settings_from_sampling", "VideoModel", "to_uint8_video"]
 
-# Keys of a bundle's sampling section that describe its video rather than the sampler (as in infer).
-VIDEO_KEYS = (
-    "height", "width", "fps", "model_type", "translation_step", "rotation_step_deg",
-    "translation_threshold", "rotation_threshold_deg", "fov_x_deg", "negative_prompt",
-)
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -70,23 +66,7 @@ def settings_from_sampling(
     ``where`` names the source in errors; ``height``/``width`` override or stand in for the
     recorded size; ``steps`` overrides the Euler step count. Unknown keys raise ValueError.
     """
-    from omegaconf import OmegaConf
-
-    if isinstance(sampling, RolloutConfig):
-        section: dict[str, Any] = dataclasses.asdict(sampling)
-    elif isinstance(sampling, Mapping):
-        section = OmegaConf.to_container(OmegaConf.create(dict(sampling)), resolve=True)
-    else:
-        raise TypeError(f"{where}: sampling must be a mapping or a RolloutConfig, got {type(sampling).__name__}")
-    rollout_keys = {f.name for f in dataclasses.fields(RolloutConfig)}
-    unknown = sorted(set(section) - rollout_keys - set(VIDEO_KEYS))
-    if unknown:
-        raise ValueError(f"{where}: sampling has unknown keys {unknown}; expected RolloutConfig fields or {list(VIDEO_KEYS)}")
-    video = {k: section.pop(k) for k in VIDEO_KEYS if k in section}
-    try:
-        rcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RolloutConfig), section))
-    except Exception as e:  # omegaconf validation errors and RolloutConfig.validate's ValueError
-        raise ValueError(f"{where}: sampling: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    rcfg, video = split_sampling(sampling, where)
     if video.get("model_type") == "bidirectional" and rcfg.mode != "window":
         rcfg = replace(rcfg, mode="window")  # full attention only matches window mode (as infer does)
     if steps is not None:
