@@ -136,6 +136,10 @@ class _Tally:
         self._add("lora", fa + fb, fa * (int(x_grad) + 1) + fb * 2)  # A: dW (+ dX); B: dW + dX
         return True
 
+    def unused(self, part: str, rows: int, d_in: int, d_out: int) -> None:
+        """A linear whose output never reaches the loss: forward only."""
+        self._add(part, 2 * rows * d_in * d_out, 0)
+
     def attention(self, part: str, pairs: int, width: int, q_grad: bool, kv_grad: bool) -> bool:
         """softmax(QK^T)V over ``pairs`` (query, key) pairs summed over heads of total width ``width``."""
         a = 2 * pairs * width  # one of the matmuls (QK^T or AV)
@@ -308,11 +312,17 @@ def peer_flops(
         t.linear("text_embed", "ff.0", B * L, D, W, True)
         t.linear("text_embed", "ff.2", B * L, W, D, True)
     S = Nv + L
-    for _ in range(depth):
+    for i in range(depth):
         for rows in (B * Nv, B * L):  # video stream, then text stream
             t.linear("blocks", "norm1", B, D, 6 * D, True)
-            for name in ("q", "k", "v", "out"):
+            for name in ("q", "k", "v"):
                 t.linear("blocks", name, rows, D, D, True)
+            if i == depth - 1 and rows == B * L:  # the last block's text output is computed but never used
+                t.unused("blocks", rows, D, D)
+                t.unused("blocks", rows, D, W)
+                t.unused("blocks", rows, W, D)
+                continue
+            t.linear("blocks", "out", rows, D, D, True)
             t.linear("blocks", "ff.0", rows, D, W, True)
             t.linear("blocks", "ff.2", rows, W, D, True)
         t.attention("attention", B * S * S, D, True, True)

@@ -95,3 +95,18 @@ def test_dry_run_builds_and_steps_once(two_clips, tmp_path):
     result = run(cfg_for("demo", f"data.path={two_clips}", *SMALL, "data.batch_size=2", "trainer.dry_run=true"), tmp_path / "run")
     assert result.status == "dry_run"
     assert not (tmp_path / "run" / "ckpt").exists()
+
+
+def test_periodic_sample_and_evaluation_are_logged(two_clips, tmp_path):
+    from train.run import run
+
+    cfg = cfg_for(
+        "demo", f"data.path={two_clips}", *SMALL, "data.batch_size=2", "trainer.steps=4", "trainer.sample_every=4",
+        "stage.sample_latents=8", "stage.sample_steps=2", "stage.eval_protocols=[short]", "stage.eval_num=1", "trainer.export=false",
+    )
+    run(cfg, tmp_path / "run")
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = {k for r in rows for k in r}
+    assert "sample/psnr" in logged, logged
+    assert any(k.startswith("sample/eval/short/") for k in logged), logged
+    assert list((tmp_path / "run" / "samples").rglob("*.mp4"))

@@ -77,6 +77,20 @@ def render_video(bundle: Path, data: Path, out: Path, pose: str = "w-3, right-4,
     return {"video": str(video), "sidecar": str(video.with_suffix(".json")), "command": " ".join(cmd[1:]), "timings": sidecar.get("timings", {})}
 
 
+def evaluate(report: dict[str, Any], out: Path) -> dict[str, Any]:
+    """``python -m eval`` on both bundles (one table, as ablations are read) over held-out clips."""
+    held_out = out / "heldout"
+    if not (held_out / "index.json").exists():
+        subprocess.run([sys.executable, "-m", "data.synthetic", "--out", str(held_out), "--clips", "2", "--frames", "93", "--size", "32", "--trajectory", "revisit", "--seed", "1000"], check=True)
+    eval_dir = out / "eval"
+    cmd = [sys.executable, "-m", "eval", "--bundle", report["pretrain"]["bundle"], "--name", "pretrain", "--bundle", report["midtrain"]["bundle"], "--name", "midtrain",
+           "--protocol", "short,long", "--data", str(held_out), "--out", str(eval_dir), "--num", "1", "--long-latents", "48"]
+    subprocess.run(cmd, check=True)
+    table = [ln for ln in (eval_dir / "report.md").read_text().splitlines() if ln.startswith("|")]
+    print("\n".join(table[:8]))
+    return {"report": str(eval_dir / "report.md"), "command": " ".join(cmd[1:])}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = _args(sys.argv[1:] if argv is None else argv)
     out = Path(a.get("out", "outputs/demo")).resolve()
@@ -104,6 +118,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("[demo] 4/5 inference: a video from the mid-trained bundle", flush=True)
     report["video"] = render_video(Path(report["midtrain"]["bundle"]), data, out)
 
+    print("[demo] 5/5 evaluation: pretrain vs mid-train bundle on held-out clips", flush=True)
+    report["eval"] = evaluate(report, out)
+
     report["seconds"] = round(time.time() - t_all, 1)
     (out / "demo_report.json").write_text(json.dumps(report, indent=1))
     print("\n[demo] done in {:.0f}s".format(report["seconds"]))
@@ -112,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r = report[stage]
         print(f"  {stage:<10} loss {r['loss_start']:.4f} -> {r['loss_end']:.4f} in {r['steps']} steps ({r['seconds']}s); bundle {r['bundle']}")
     print(f"  video      {report['video']['video']} (sidecar {report['video']['sidecar']})")
+    print(f"  evaluation {report['eval']['report']}")
     print(f"  report     {out / 'demo_report.json'}")
     for stage in ("pretrain", "midtrain"):
         r = report[stage]

@@ -4,7 +4,8 @@
         --trajectory random|revisit|orbit|mixed --seed N [--video-format lossless|mp4] [--scenes K]
 
 Clip i uses scene ``i % K`` (K defaults to N: one scene per clip). Scene and clip seeds derive from
-``--seed`` and the indices, so any clip can be regenerated alone with ``make_clip``. Writes
+``--seed`` and the indices, so any clip can be regenerated alone with ``make_clip``, and the output
+is the same whatever ``--workers`` (processes, one torch thread each; clips are written in order). Writes
 ``clips-*.tar`` + ``index.json`` (data.shards), ``preview.mp4`` (the first clips back to back),
 ``preview.png`` (a strip of the first clip) and ``generation.json`` (arguments and config).
 """
@@ -13,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import torch
 
 from data.latents import num_latents
 from data.shards import ShardWriter
@@ -43,8 +47,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--samples-per-shard", type=int, default=64)
     p.add_argument("--preview-clips", type=int, default=4, help="clips shown back to back in preview.mp4")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (each renders with one torch thread)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     return p
+
+
+def _clip(index: int, scenes: int, seed: int, cfg: SyntheticConfig, cache: dict[int, Scene] | None = None) -> dict:
+    """Clip ``index`` of the dataset: scene ``index % scenes``; seeds derived from ``seed`` and the indices."""
+    s = index % scenes
+    scene = cache.get(s) if cache is not None else None
+    if scene is None:
+        scene = Scene.random(derive_seed(seed, 0, s), cfg.scene)
+        if cache is not None:
+            cache[s] = scene
+    clip = make_clip(derive_seed(seed, 1, index), cfg, scene=scene)
+    clip["meta"].update(clip_index=index, scene_index=s)
+    return clip
+
+
+def _job(args: tuple[int, int, int, SyntheticConfig]) -> dict:
+    return _clip(*args)
+
+
+def _single_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _clips(n: int, scenes: int, seed: int, cfg: SyntheticConfig, workers: int) -> Iterator[dict]:
+    """Clips 0..n-1 in order, generated here or by ``workers`` spawned processes."""
+    if workers <= 1:
+        cache: dict[int, Scene] = {}
+        for i in range(n):
+            yield _clip(i, scenes, seed, cfg, cache)
+        return
+    with mp.get_context("spawn").Pool(workers, initializer=_single_thread) as pool:
+        yield from pool.imap(_job, [(i, scenes, seed, cfg) for i in range(n)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     scenes = args.clips if args.scenes is None else args.scenes
     if scenes < 1:
         raise SystemExit(f"--scenes must be >= 1, got {scenes}")
+    if args.workers < 1:
+        raise SystemExit(f"--workers must be >= 1, got {args.workers}")
     cfg = SyntheticConfig(num_frames=args.frames, height=args.size, width=args.size, fov_x_deg=args.fov,
                           fps=args.fps, trajectory=args.trajectory)
     try:
@@ -64,16 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--frames: {exc}") from exc
     out = Path(args.out)
     start = time.perf_counter()
-    cache: dict[int, Scene] = {}
     previews: list[np.ndarray] = []
     with ShardWriter(out, prefix="clips", samples_per_shard=args.samples_per_shard, video_format=args.video_format,
                      fps=args.fps, overwrite=args.overwrite) as writer:
-        for i in range(args.clips):
-            s = i % scenes
-            if s not in cache:
-                cache[s] = Scene.random(derive_seed(args.seed, 0, s), cfg.scene)
-            clip = make_clip(derive_seed(args.seed, 1, i), cfg, scene=cache[s])
-            clip["meta"].update(clip_index=i, scene_index=s)
+        for i, clip in enumerate(_clips(args.clips, scenes, args.seed, cfg, args.workers)):
             writer.write(clip)
             if i < args.preview_clips:
                 previews.append(clip["video"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from dataclasses import asdict, dataclass, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,6 +49,10 @@ class FlowStageConfig:
     ema_start: int = 0
     sample_latents: int = 8  # length of the periodic validation rollout (latents)
     sample_steps: int = 8  # denoising steps of the validation rollout
+    # evaluation protocols (eval.protocols: short | long | action) run at every sample step; [] = none
+    eval_protocols: list[str] = field(default_factory=list)
+    eval_num: int = 2  # clips per protocol
+    eval_data: Optional[str] = None  # held-out dataset directory (default: data.path)
 
 
 def _plain(cfg: Any) -> Any:
@@ -173,7 +177,18 @@ class FlowStage(Stage):
         out_dir.mkdir(parents=True, exist_ok=True)
         write_mp4(out_dir / "ground_truth_vs_sample.mp4", np.concatenate([gt, frames], axis=2), fps=16)
         mse = float(np.mean((frames.astype(np.float64) - gt.astype(np.float64)) ** 2))
-        return {"sample/psnr": float(10 * np.log10(255.0**2 / max(mse, 1e-10)))}
+        metrics = {"psnr": float(10 * np.log10(255.0**2 / max(mse, 1e-10)))}  # logged as sample/psnr
+        if self.scfg.eval_protocols:
+            from eval.hook import evaluate_model
+
+            metrics.update(
+                evaluate_model(
+                    model, self.autoencoder, self.bundle_sampling(), self.scfg.eval_data or self.cfg.data.path,
+                    num=self.scfg.eval_num, protocols=tuple(self.scfg.eval_protocols), train_latents=int(self.cfg.data.num_latents),
+                    out_dir=out_dir / "eval", text_encoder=self.text_encoder if self.model_cfg.text_dim > 0 else None,
+                )
+            )
+        return metrics
 
     def bundle_sampling(self) -> dict[str, Any]:
         """The sampling defaults a bundle carries (steps, schedule, guidance, memory, resolution)."""
