@@ -59,11 +59,15 @@ def pool_fps(size: tuple[int, int], clips: int, frames: int, workers: int) -> fl
     cfg = RecordConfig(num_frames=frames)
     per = cfg.clips_per_episode
     tasks = [(first, min(per, clips - first), clip_seed(0, e)) for e, first in enumerate(range(0, clips, per))]
-    with mp.get_context("spawn").Pool(workers, init_worker, (DoomConfig(width=size[0], height=size[1]), cfg, 0)) as pool:
+    pool = mp.get_context("spawn").Pool(workers, init_worker, (DoomConfig(width=size[0], height=size[1]), cfg, 0))
+    try:
         pool.map(time.sleep, [1.0] * workers, chunksize=1)  # every worker started and initialised
         t = time.perf_counter()
         done = sum(len(episode) for episode in pool.imap_unordered(record_task, tasks))
         return done * frames / (time.perf_counter() - t)
+    finally:  # close + join (not terminate): workers exit cleanly and close their engines
+        pool.close()
+        pool.join()
 
 
 def cli_fps(size: tuple[int, int], clips: int, frames: int, workers: int) -> float:

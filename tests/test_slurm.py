@@ -169,7 +169,8 @@ def _compose(overrides: list[str]):
 def test_hydra_launcher_presets_take_the_cluster_preset():
     from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 
-    cfg = _compose(["hydra/launcher=slurm", "cluster@hydra.launcher=example", "experiment=demo"])
+    cfg = _compose(["hydra/launcher=slurm", "cluster@hydra.launcher=example", "experiment=demo", "optim.lr=0.1"])
+    assert cfg.hydra.job.override_dirname == "optim.lr=0.1"  # the cluster is not part of a point's name
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.account, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", "my-lab", 8, 2880)
@@ -310,6 +311,24 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     raise TimeoutError(f"no {what} after {timeout:.0f}s")
 
 
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def while_running(cluster, job: str, log: Path, predicate):
+    """``predicate``, failing at once (with the log) if job ``job`` has ended instead."""
+
+    def check() -> bool:
+        if predicate():
+            return True
+        state = cluster.job(job).get("JobState")
+        if state in ENDED:
+            text = log.read_text()[-4000:] if log.is_file() else f"(no {log})"
+            raise AssertionError(f"job {job} ended ({state}) early:\n{text}")
+        return False
+
+    return check
+
+
 def reached_step(metrics: Path, step: int) -> bool:
     try:
         return any(json.loads(line).get("step", 0) >= step for line in metrics.read_text().splitlines() if line.strip())
@@ -352,9 +371,10 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_one(cluste
     reference = losses(ref_dir)
     # the default launcher (one torchrun per node), 2 processes; wandb offline, to see the run continue
     job, run_dir = submit(cluster, workdir, "preempted", "--procs-per-node", "2", "logger.wandb=true")
-    wait_for(lambda: reached_step(run_dir / "metrics.jsonl", 2), JOB_TIMEOUT, "training step 2")
+    log_path = run_dir / f"slurm-{job}.out"
+    wait_for(while_running(cluster, job, log_path, lambda: reached_step(run_dir / "metrics.jsonl", 2)), JOB_TIMEOUT, "training step 2")
     cluster.run("scancel", "--signal=USR1", job)  # what --signal=USR1@<s> sends before the time limit
-    wait_for(lambda: "requeued;" in log_of(run_dir, job), JOB_TIMEOUT, "requeue")
+    wait_for(while_running(cluster, job, log_path, lambda: "requeued;" in log_of(run_dir, job)), JOB_TIMEOUT, "requeue")
     first_wandb_id = (run_dir / "wandb_run_id").read_text()
     info = cluster.wait_job(job, JOB_TIMEOUT)
     log = log_of(run_dir, job)
@@ -382,7 +402,12 @@ def test_hydra_sweep_runs_each_point_as_a_job_and_requeues_a_preempted_one(clust
     proc = subprocess.Popen(cmd, cwd=workdir, env=cluster.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         points = [sweep_dir / "0_optim.lr=0.001", sweep_dir / "1_optim.lr=0.002"]  # <num>_<overrides>
-        wait_for(lambda: reached_step(points[0] / "metrics.jsonl", 2), JOB_TIMEOUT, "point 0 at step 2")
+        def point0_at_step2() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"the sweep ended early ({proc.returncode}):\n{(workdir / 'sweep.log').read_text()[-4000:]}")
+            return reached_step(points[0] / "metrics.jsonl", 2)
+
+        wait_for(point0_at_step2, JOB_TIMEOUT, "point 0 at step 2")
         tasks = cluster.run("squeue", "-h", "-o", "%i").stdout.split()
         task0 = next(t for t in tasks if t.endswith("_0"))
         cluster.run("scancel", "--signal=USR1", task0)

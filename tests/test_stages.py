@@ -32,7 +32,7 @@ def test_pretrain_overfits_two_clips_and_exports(two_clips, tmp_path):
     from train.run import run
 
     cfg = cfg_for(
-        "demo", f"data.path={two_clips}", *SMALL, "autoencoder.temporal_patch=1", "model.latent_channels=48", "data.num_latents=8", "data.batch_size=2", "data.window=start",
+        "demo", f"data.path={two_clips}", *SMALL, "data.num_latents=8", "data.batch_size=2", "data.window=start",
         "trainer.steps=120", "logger.log_every=10", "optim.lr=3e-3", "stage.text_dropout=0", "stage.action_dropout=0",
         "stage.camera_dropout=0", "schedule.warmup_steps=5",
     )
@@ -60,7 +60,7 @@ def test_midtrain_sample_holds_the_samplers_context(long_clips):
     stage.device = torch.device("cpu")
     loader = build_train_loader(DataConfig(**{**cfg.data.__dict__, "window": "start", "batch_size": 2}), 4, seed=0)
     batch = next(loader)
-    x0 = torch.randn(2, 192, 24, 4, 4)  # latent identity is what matters: gathered latents are compared below
+    x0 = torch.randn(2, 48, 24, 4, 4)  # latent identity is what matters: gathered latents are compared below
     inp = stage.make_inputs(batch, x0, step=0)
     mem = stage.mem
     assert inp.x0.shape[2] == mem.max_context + mem.chunk_size
@@ -85,6 +85,8 @@ def test_bad_config_and_missing_data_fail_clearly(tmp_path):
     with pytest.raises(ConfigCompositionException) as e:
         cfg_for("demo", "optim.lrr=1")
     assert "lrr" in str(e.value.__cause__) or "lrr" in str(e.value)
+    with pytest.raises(ValueError, match="narrower than a token"):
+        run(cfg_for("demo", "autoencoder.temporal_patch=4", "model.latent_channels=192", "trainer.steps=1"), tmp_path / "run0")
     with pytest.raises((FileNotFoundError, ValueError), match="nowhere"):
         run(cfg_for("demo", f"data.path={tmp_path / 'nowhere'}", "trainer.steps=1"), tmp_path / "run")
 

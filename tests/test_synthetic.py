@@ -345,3 +345,14 @@ def test_cli_writes_shards_and_preview(tmp_path, capsys):
     assert (out / "preview.png").stat().st_size > 0 and (out / "generation.json").exists()
     with pytest.raises(SystemExit, match="frames"):
         main(["--out", str(tmp_path / "bad"), "--clips", "1", "--frames", "10"])
+
+
+def test_worker_processes_generate_the_same_clips():
+    from data.synthetic import dataset_clip, iter_dataset_clips
+
+    cfg = SyntheticConfig(num_frames=5, height=16, width=16)
+    spawned = list(iter_dataset_clips(3, 2, 9, cfg, workers=2))
+    for i, clip in enumerate(spawned):
+        direct = dataset_clip(i, 2, 9, cfg)
+        assert np.array_equal(clip["video"], direct["video"]) and np.array_equal(clip["c2w"], direct["c2w"])
+        assert clip["meta"] == direct["meta"]

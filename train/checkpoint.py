@@ -73,7 +73,7 @@ def _fsync_tree(root: Path) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so readers see the old or the new content, never a partial one."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may write the same file at once
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

@@ -10,6 +10,7 @@
 
 from data.synthetic.clip import derive_seed, make_clip
 from data.synthetic.config import SceneConfig, SyntheticConfig, TrajectoryConfig
+from data.synthetic.dataset import dataset_clip, iter_dataset_clips
 from data.synthetic.raycast import render
 from data.synthetic.scene import Box, Cylinder, Scene, Sphere
 from data.synthetic.trajectories import TRAJECTORY_KINDS, Trajectory, frame_steps, make_trajectory, plan_trajectory
@@ -24,8 +25,10 @@ __all__ = [
     "TrajectoryConfig",
     "TRAJECTORY_KINDS",
     "Trajectory",
+    "dataset_clip",
     "derive_seed",
     "frame_steps",
+    "iter_dataset_clips",
     "make_clip",
     "make_trajectory",
     "plan_trajectory",

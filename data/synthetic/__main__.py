@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-import torch
 
 from data.latents import num_latents
 from data.shards import ShardWriter
-from data.synthetic.clip import derive_seed, make_clip
 from data.synthetic.config import SyntheticConfig
-from data.synthetic.scene import Scene
+from data.synthetic.dataset import iter_dataset_clips
 from data.synthetic.trajectories import TRAJECTORY_KINDS
 from data.video import write_mp4, write_png_strip
 
@@ -50,38 +46,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker processes (each renders with one torch thread)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     return p
-
-
-def _clip(index: int, scenes: int, seed: int, cfg: SyntheticConfig, cache: dict[int, Scene] | None = None) -> dict:
-    """Clip ``index`` of the dataset: scene ``index % scenes``; seeds derived from ``seed`` and the indices."""
-    s = index % scenes
-    scene = cache.get(s) if cache is not None else None
-    if scene is None:
-        scene = Scene.random(derive_seed(seed, 0, s), cfg.scene)
-        if cache is not None:
-            cache[s] = scene
-    clip = make_clip(derive_seed(seed, 1, index), cfg, scene=scene)
-    clip["meta"].update(clip_index=index, scene_index=s)
-    return clip
-
-
-def _job(args: tuple[int, int, int, SyntheticConfig]) -> dict:
-    return _clip(*args)
-
-
-def _single_thread() -> None:
-    torch.set_num_threads(1)
-
-
-def _clips(n: int, scenes: int, seed: int, cfg: SyntheticConfig, workers: int) -> Iterator[dict]:
-    """Clips 0..n-1 in order, generated here or by ``workers`` spawned processes."""
-    if workers <= 1:
-        cache: dict[int, Scene] = {}
-        for i in range(n):
-            yield _clip(i, scenes, seed, cfg, cache)
-        return
-    with mp.get_context("spawn").Pool(workers, initializer=_single_thread) as pool:
-        yield from pool.imap(_job, [(i, scenes, seed, cfg) for i in range(n)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     previews: list[np.ndarray] = []
     with ShardWriter(out, prefix="clips", samples_per_shard=args.samples_per_shard, video_format=args.video_format,
                      fps=args.fps, overwrite=args.overwrite) as writer:
-        for i, clip in enumerate(_clips(args.clips, scenes, args.seed, cfg, args.workers)):
+        for i, clip in enumerate(iter_dataset_clips(args.clips, scenes, args.seed, cfg, args.workers)):
             writer.write(clip)
             if i < args.preview_clips:
                 previews.append(clip["video"])

@@ -186,8 +186,9 @@ def shade(scene: Scene, tables: ShadingTables, o: Tensor, d: Tensor, t: Tensor, 
     else:
         patterns.append(torch.zeros_like(us))
     w = torch.gather(torch.stack(patterns), 0, pat.long()[None])  # [1, R]
-    is_tiles, is_bricks = _eq(pat, float(TILES)), _eq(pat, float(BRICKS))
-    bright = 1.0 + is_tiles * (_tile_brightness(fu, fv, material) - 1.0) + is_bricks * (_tile_brightness(fb, fv, material) - 1.0)
+    # Tiles and bricks vary in brightness per tile / brick (one hash of the cell index for both).
+    is_bricks, tiled = _eq(pat, float(BRICKS)), _eq(pat, float(TILES)).add_(_eq(pat, float(BRICKS)))
+    bright = (_tile_brightness(fu + is_bricks * (fb - fu), fv, material) - 1.0).mul_(tiled).add_(1.0)
     c1 = mt[4:7]
     color = c1.addcmul(mt[7:10] - c1, w).mul_(bright)  # [3, R]
     diffuse = (normal * light).sum(0).clamp_min_(0.0)

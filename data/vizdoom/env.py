@@ -28,15 +28,15 @@ import os
 import re
 import shutil
 import tempfile
-import weakref
 from dataclasses import dataclass
+from multiprocessing.util import Finalize
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from data.geometry import crop_intrinsics, resize_intrinsics
+from data.transforms import crop_box, crop_resize_frames, crop_resize_intrinsics
 
 __all__ = [
     "TICRATE",
@@ -143,24 +143,6 @@ def render_resolutions() -> list[tuple[int, int]]:
     return sorted(set(out), key=lambda wh: (wh[0] * wh[1], wh))
 
 
-def _crop_box(src_wh: tuple[int, int], aspect: float) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of the largest centred crop of ``src_wh`` with width/height ~ ``aspect``.
-
-    Each cropped side is the size nearest the ideal whose margin splits evenly, so the crop is
-    exactly centred.
-    """
-    W, H = src_wh
-
-    def side(full: int, ideal: float) -> int:
-        if ideal >= full:
-            return full
-        lo = int(ideal) - (full - int(ideal)) % 2  # largest size <= ideal with an even margin
-        return lo + 2 if lo + 2 <= full and abs(lo + 2 - ideal) < abs(lo - ideal) else lo
-
-    w, h = side(W, H * aspect), side(H, W / aspect)
-    return (H - h) // 2, (W - w) // 2, h, w
-
-
 def choose_render_resolution(
     width: int, height: int, aspect: float | None = None, available: list[tuple[int, int]] | None = None
 ) -> tuple[int, int]:
@@ -173,7 +155,7 @@ def choose_render_resolution(
         raise ValueError(f"output size {width}x{height} is too small (need at least 8x8)")
     avail = available or render_resolutions()
     aspect = aspect or width / height
-    big = [wh for wh in avail if (lambda c: c[3] >= width and c[2] >= height)(_crop_box(wh, aspect))]
+    big = [wh for wh in avail if (lambda c: c[3] >= width and c[2] >= height)(crop_box(wh[::-1], (1.0, aspect)))]
     if big:
         return min(big, key=lambda wh: (wh[0] * wh[1], wh))
     return max(avail, key=lambda wh: (wh[0] * wh[1], wh))
@@ -184,22 +166,15 @@ class FramePlan:
     """Native render size, the centred crop taken from it, the output size and the output K."""
 
     render_wh: tuple[int, int]
-    crop: tuple[int, int, int, int]  # top, left, h, w in native pixels
+    crop: tuple[int, int, int, int]  # top, left, h, w in native pixels (data.transforms.crop_box)
     out_wh: tuple[int, int]
     K: Tensor  # [3, 3] float64, pixels of the output frame
 
     def apply(self, rgb: np.ndarray) -> np.ndarray:
         """Crop and resize one native frame uint8 [Hr, Wr, 3] to the output uint8 [H, W, 3]."""
-        import cv2
-
-        top, left, h, w = self.crop
         if rgb.shape[:2] != (self.render_wh[1], self.render_wh[0]):
             raise ValueError(f"frame has shape {rgb.shape[:2]}, expected native (H, W) = {(self.render_wh[1], self.render_wh[0])}")
-        crop = rgb[top : top + h, left : left + w]
-        if (w, h) == self.out_wh:
-            return np.ascontiguousarray(crop)
-        shrink = w >= self.out_wh[0] and h >= self.out_wh[1]
-        return cv2.resize(crop, self.out_wh, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        return crop_resize_frames(rgb, self.crop, (self.out_wh[1], self.out_wh[0]))
 
 
 def plan_frames(
@@ -211,15 +186,15 @@ def plan_frames(
 ) -> FramePlan:
     """Plan rendering ``width`` x ``height`` frames: native size, centred crop, and the matching K.
 
-    By default the crop keeps the output's aspect ratio in native pixels (widest view, fy = 1.2 fx).
-    ``square_pixels`` crops 1.2x narrower instead, so the resize undoes Doom's tall pixels (fx = fy).
+    Framing is data.transforms' rule (largest centred window, resize, K follows). By default the
+    window has the output's aspect in native pixels (widest view, fy = 1.2 fx); ``square_pixels``
+    takes a 1.2x narrower window so that the resize undoes Doom's tall pixels (fx = fy).
     """
     native_aspect = (width / height) / (DOOM_PIXEL_ASPECT if square_pixels else 1.0)
     rw, rh = render_wh or choose_render_resolution(width, height, aspect=native_aspect)
-    top, left, h, w = _crop_box((rw, rh), native_aspect)
-    K = crop_intrinsics(doom_intrinsics(rw, rh, fov_deg), top, left)
-    K = resize_intrinsics(K, (h, w), (height, width))
-    return FramePlan((rw, rh), (top, left, h, w), (width, height), K)
+    box = crop_box((rh, rw), (1.0, native_aspect))  # only the aspect of dst_hw matters to crop_box
+    K = crop_resize_intrinsics(doom_intrinsics(rw, rh, fov_deg), box, (height, width))
+    return FramePlan((rw, rh), box, (width, height), K)
 
 
 def terminal_speed(move_speed: int) -> float:
@@ -300,7 +275,9 @@ class DoomEnv:
         with _working_directory(self._workdir):
             g.init()
         self.game = g
-        self._closer = weakref.finalize(self, _close_game, g, self._workdir)
+        # Closed when garbage-collected, on close(), or at exit, including in multiprocessing
+        # workers (which skip atexit): otherwise the engine process outlives its parent.
+        self._closer = Finalize(self, _close_game, args=(g, self._workdir), exitpriority=10)
 
     @staticmethod
     def _resolve_wad(wad: str) -> str:

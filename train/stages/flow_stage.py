@@ -102,6 +102,15 @@ class FlowStage(Stage):
                 f"model.latent_channels={self.model_cfg.latent_channels} but autoencoder '{self.cfg.autoencoder.kind}' "
                 f"has {self.autoencoder.latent_channels} latent channels"
             )
+        token_dim = self.model_cfg.latent_channels * int(np.prod(self.model_cfg.patch))
+        if token_dim > self.model_cfg.hidden:
+            # The network must pass the noise of every token channel through its hidden width to
+            # predict the velocity eps - x0; a narrower width leaves an irreducible loss floor.
+            raise ValueError(
+                f"model.hidden={self.model_cfg.hidden} is narrower than a token's {token_dim} channels "
+                f"(latent_channels {self.model_cfg.latent_channels} x patch {self.model_cfg.patch}); widen the model or "
+                f"use an autoencoder with fewer latent channels (e.g. a smaller autoencoder.patch_size / temporal_patch)"
+            )
         self.generator = torch.Generator(device=ctx.device).manual_seed(ctx.seed * 1000 + ctx.rank + 17)
         ema = EMAConfig(decay=self.scfg.ema_decay, start_step=self.scfg.ema_start) if self.scfg.ema_decay > 0 else None
         return {"student": Role(model, ema=ema)}
@@ -200,7 +209,35 @@ class FlowStage(Stage):
         # pose -> action rule the model was trained with, so inference derives the same ids
         s["translation_threshold"] = float(self.cfg.data.translation_threshold)
         s["rotation_threshold_deg"] = float(self.cfg.data.rotation_threshold_deg)
+        s.update(self._data_motion_units())
         return s
+
+    def _data_motion_units(self, windows: int = 8) -> dict[str, float]:
+        """Per-latent key increments and field of view of the training data, measured on a few windows.
+
+        Pose strings at inference integrate held keys with these steps, so a model trained on any
+        source is driven in the units it saw (WorldPlay's 0.08 units / 3 deg only fit its own data).
+        """
+        from data.geometry import euler_xyz_degrees, relative_pose
+
+        dcfg = replace(_structured(DataConfig, self.cfg.data), batch_size=1, num_workers=0, shuffle=False, window="start", crop="center")
+        loader = build_train_loader(dcfg, self.autoencoder.temporal_stride, seed=0)
+        trans, rot, fov = [], [], []
+        for _ in range(min(windows, len(loader.dataset))):
+            b = next(loader)
+            rel = relative_pose(b["c2w"][0, :-1].double(), b["c2w"][0, 1:].double())
+            t = rel[:, :3, 3].norm(dim=-1)
+            ang = euler_xyz_degrees(rel[:, :3, :3]).abs()[:, :2].amax(-1)
+            trans.append(t[t > dcfg.translation_threshold])
+            rot.append(ang[ang > dcfg.rotation_threshold_deg])
+            fov.append(float(2 * np.degrees(np.arctan(0.5 / float(b["K"][0, 0, 0, 0])))))
+        out: dict[str, float] = {"fov_x_deg": float(np.median(fov))}
+        t, r = torch.cat(trans), torch.cat(rot)
+        if len(t):
+            out["translation_step"] = float(t.median())
+        if len(r):
+            out["rotation_step_deg"] = float(r.median())
+        return out
 
     def export(self, trainer, out_dir: Path) -> None:
         """bundle/ (the weights to run: EMA if kept, LoRA merged) and, with LoRA, adapter/."""

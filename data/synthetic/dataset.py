@@ -1,0 +1,51 @@
+"""A synthetic dataset as a function of (seed, index): which scene and seeds clip i uses, generated in order.
+
+Clip ``i`` of a dataset with ``scenes`` scenes uses scene ``i % scenes``; the scene seed and the clip
+seed derive from the dataset seed and the indices, so any clip can be regenerated alone and the
+clips are the same whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from typing import Iterator
+
+import torch
+
+from data.synthetic.clip import derive_seed, make_clip
+from data.synthetic.config import SyntheticConfig
+from data.synthetic.scene import Scene
+
+__all__ = ["dataset_clip", "iter_dataset_clips"]
+
+
+def dataset_clip(index: int, scenes: int, seed: int, config: SyntheticConfig, cache: dict[int, Scene] | None = None) -> dict:
+    """Clip ``index`` of the dataset (seed, scenes); ``cache`` keeps built scenes across calls."""
+    s = index % scenes
+    scene = cache.get(s) if cache is not None else None
+    if scene is None:
+        scene = Scene.random(derive_seed(seed, 0, s), config.scene)
+        if cache is not None:
+            cache[s] = scene
+    clip = make_clip(derive_seed(seed, 1, index), config, scene=scene)
+    clip["meta"].update(clip_index=index, scene_index=s)
+    return clip
+
+
+def _job(args: tuple[int, int, int, SyntheticConfig]) -> dict:
+    return dataset_clip(*args)
+
+
+def _single_thread() -> None:
+    torch.set_num_threads(1)  # processes, not threads, share the cores
+
+
+def iter_dataset_clips(num_clips: int, scenes: int, seed: int, config: SyntheticConfig, workers: int = 1) -> Iterator[dict]:
+    """Clips 0..num_clips-1 in order, generated here or by ``workers`` spawned processes (one torch thread each)."""
+    if workers <= 1:
+        cache: dict[int, Scene] = {}
+        for i in range(num_clips):
+            yield dataset_clip(i, scenes, seed, config, cache)
+        return
+    with mp.get_context("spawn").Pool(workers, initializer=_single_thread) as pool:
+        yield from pool.imap(_job, [(i, scenes, seed, config) for i in range(num_clips)])
