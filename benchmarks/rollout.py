@@ -174,7 +174,6 @@ def main(argv: list[str] | None = None) -> Report:
                ("tflops", "TFLOP/s", ".4g"), ("fps", "frames/s", ".1f"), ("peak_gib", "peak GiB", ".1f"), ("note", "note", "")]
     report = Report(a.out, f"Rollout with memory: per-chunk breakdown ({a.preset})", command, environment(device), settings, columns)
     print(f"# {report.title}\n# {report.env}\n# {settings}\n{report.header()}", flush=True)
-    N = a.height * a.width
     generator = torch.Generator(device).manual_seed(0)
     chunk_s: float | None = None
 
@@ -214,7 +213,8 @@ def main(argv: list[str] | None = None) -> Report:
         uncond_flops = worlddit_flops(cfg, batch=1, frames=a.chunk, height=a.height, width=a.width, text=0,
                                       chunk=a.chunk, context=M, cached=True).forward
         note = "" if M == a.context else f"context held {M} latents, not {a.context}"
-        order = ["context", "text", *sorted(k for k in phases if k.startswith("step")), "denoise", "sampler"]
+        steps = sorted((k for k in phases if k.startswith("step")), key=lambda k: int(k.split()[1]))
+        order = ["context", "text", *steps, "denoise", "sampler"]
         for name in [k for k in order if k in phases]:
             secs = phases[name]
             med = summarize(secs)["median"]

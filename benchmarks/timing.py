@@ -88,9 +88,11 @@ class EventTimer:
 
 
 def time_calls(fn: Callable[[EventTimer], Any], *, warmup: int, reps: int, device: torch.device | str,
-               rest_name: str = "rest") -> tuple[list[float], dict[str, list[float]]]:
+               rest_name: str = "rest", after_warmup: Callable[[], None] | None = None,
+               ) -> tuple[list[float], dict[str, list[float]]]:
     """Run ``fn(timer)`` ``warmup`` times untimed, then ``reps`` times timed; ``fn`` may call ``timer.mark``.
 
+    ``after_warmup()`` runs between the two (e.g. to save what is known if the timed part is cut short).
     Returns (seconds per repetition, {segment: seconds per repetition}) as :meth:`EventTimer.results`.
     """
     if reps < 1 or warmup < 0:
@@ -103,6 +105,8 @@ def time_calls(fn: Callable[[EventTimer], Any], *, warmup: int, reps: int, devic
     timer.discard()
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+    if after_warmup is not None:
+        after_warmup()
     for _ in range(reps):
         timer.begin()
         fn(timer)

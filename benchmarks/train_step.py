@@ -21,7 +21,7 @@ synchronisation inside the timed loop; medians of ``--steps`` steps after ``--wa
 warm-up step also compiles flex_attention). Reported per row: median step time and its phases,
 tokens/s (video tokens of the batch per second), model TFLOP per step from benchmarks/flops.py
 (matmuls + both attention passes + the PRoPE transforms; backward counted per computed gradient,
-checkpoint recompute excluded), achieved TFLOP/s, MFU against the H100's dense bf16 peak (989
+checkpoint recompute and the optimizer's own FLOPs, e.g. Muon's Newton-Schulz, excluded), achieved TFLOP/s, MFU against the H100's dense bf16 peak (989
 TFLOP/s) and against the ~800 TFLOP/s its bf16 matmuls reach here, and peak allocated memory
 (weights, optimizer state and activations). A row that runs out of memory is recorded as such and,
 with ``--ckpt-on-oom``, retried with activation checkpointing.
@@ -147,8 +147,11 @@ def _config(a: argparse.Namespace, name: str, backend: str) -> WorldDiTConfig:
     return replace(base, attn_backend=backend, camera=base.camera and not a.no_camera)
 
 
-def bench_train(a: argparse.Namespace, name: str, backend: str, grad_ckpt: bool) -> dict[str, Any]:
-    """One row: the median training step of preset ``name`` with attention ``backend``."""
+def bench_train(a: argparse.Namespace, name: str, backend: str, grad_ckpt: bool, report: Report | None = None) -> dict[str, Any]:
+    """One row: the median training step of preset ``name`` with attention ``backend``.
+
+    After the warm-up, ``report`` gets a note with the peak memory so far (kept if the timed steps are cut short).
+    """
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     cfg = _config(a, name, backend)
@@ -186,7 +189,12 @@ def bench_train(a: argparse.Namespace, name: str, backend: str, grad_ckpt: bool)
         else:
             model.zero_grad(set_to_none=True)
 
-    times, phases = time_calls(step, warmup=a.warmup, reps=a.steps, device=device)
+    def warm() -> None:
+        if report is not None and a.warmup:
+            report.note(f"{name} ({backend}, ckpt {'yes' if grad_ckpt else 'no'}): {a.warmup} warm-up step(s) done, "
+                        f"peak memory so far {peak_memory_gib(device):.1f} GiB")
+
+    times, phases = time_calls(step, warmup=a.warmup, reps=a.steps, device=device, after_warmup=warm)
     peak = peak_memory_gib(device)
     flops = worlddit_flops(cfg, batch=a.batch, frames=a.latents, height=a.height, width=a.width, text=a.text,
                            chunk=chunk, mode="train", lora_rank=a.lora_rank if a.lora else None,
@@ -239,7 +247,7 @@ def main(argv: list[str] | None = None) -> Report:
                 report.add({"preset": name, "lora": f"r{a.lora_rank}" if a.lora else "no", "backend": backend,
                             "ckpt": "yes" if ckpt else "no", "note": f"out of memory: {message}"})
 
-            row = with_oom_retry(lambda ckpt: bench_train(a, name, backend, ckpt), ckpt=a.grad_ckpt, retry=a.ckpt_on_oom,
+            row = with_oom_retry(lambda ckpt: bench_train(a, name, backend, ckpt, report), ckpt=a.grad_ckpt, retry=a.ckpt_on_oom,
                                  device=device, on_oom=oom)
             if row is not None:
                 report.add(row)

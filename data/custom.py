@@ -19,10 +19,11 @@ Each video (any container PyAV decodes) needs camera poses for *every* decoded f
 
 All cameras are OpenCV (x right, y down, z forward) and K is in pixels with pixel centres at
 +0.5 (WorldPlay, COLMAP and data.geometry agree). Frames are framed to ``--size`` by
-data.transforms' rule (largest centred window of that aspect, resized), with K updated; ``--fps`` keeps the nearest source frame at each output time
-(downsampling only). Poses are rebased to each clip's first camera and keys are derived from
-them with WorldPlay's rule at latent granularity (``data.actions.poses_to_keys``), since such
-sources lack keys. A video without poses is rejected: it cannot be used for camera conditioning.
+data.transforms' rule (largest centred window of that aspect, resized), with K updated;
+``--fps`` keeps the nearest source frame at each output time (downsampling only). Poses are
+rebased to each clip's first camera and keys are derived from them with WorldPlay's rule at
+latent granularity (``data.actions.poses_to_keys``), since such sources lack keys. A video
+without poses is rejected: it cannot be used for camera conditioning.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def _check_cameras(path: Path, c2w: Tensor, K: Tensor, pose_field: str, k_field:
         if not bool(torch.isfinite(given[i]).all()):
             raise CustomImportError(path, f"frame {i} '{pose_field}'", "contains NaN or inf")
         if not bool(is_rigid(given[i])):
-            raise CustomImportError(path, f"frame {i} '{pose_field}'", "is not a rigid transform (rotation must be orthonormal with det +1, last row 0 0 0 1)")
+            raise CustomImportError(path, f"frame {i} '{pose_field}'",
+                                    "is not a rigid transform (rotation must be orthonormal with det +1, last row 0 0 0 1)")
         if not bool(torch.isfinite(K[i]).all()):
             raise CustomImportError(path, f"frame {i} '{k_field}'", "contains NaN or inf")
         if K[i, 0, 0] <= 0 or K[i, 1, 1] <= 0 or not torch.allclose(K[i, 2], torch.tensor([0.0, 0.0, 1.0], dtype=K.dtype)):
@@ -274,7 +276,8 @@ def read_colmap(path: str | Path) -> PoseTrack:
         if not tok:
             continue
         if len(tok) < 4 or tok[1] not in _COLMAP_MODELS:
-            raise CustomImportError(cam_file, f"line {n}", f"unsupported camera {tok[1] if len(tok) > 1 else line!r}; supported models: {sorted(_COLMAP_MODELS)}")
+            model = tok[1] if len(tok) > 1 else line
+            raise CustomImportError(cam_file, f"line {n}", f"unsupported camera {model!r}; supported models: {sorted(_COLMAP_MODELS)}")
         try:
             params = [float(v) for v in tok[4:]]
             cam_id, width, height = int(tok[0]), int(tok[2]), int(tok[3])
@@ -293,7 +296,8 @@ def read_colmap(path: str | Path) -> PoseTrack:
             i += 1
             continue
         if len(tok) < 10:
-            raise CustomImportError(img_file, f"image line {i + 1}", f"expected 'IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME', got {lines[i]!r}")
+            raise CustomImportError(img_file, f"image line {i + 1}",
+                                    f"expected 'IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME', got {lines[i]!r}")
         name = " ".join(tok[9:])
         try:
             cam, qvec, tvec = int(tok[8]), [float(v) for v in tok[1:5]], [float(v) for v in tok[5:8]]
@@ -312,7 +316,8 @@ def read_colmap(path: str | Path) -> PoseTrack:
         expected = list(range(numbers[0], numbers[0] + len(numbers)))
         if numbers != expected:
             missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
-            raise CustomImportError(img_file, "images", f"frames must be registered without gaps; missing frame numbers {missing[:20]} (or repeated numbers)")
+            raise CustomImportError(img_file, "images", f"frames must be registered without gaps; "
+                                    f"missing frame numbers {missing[:20]} (or repeated numbers)")
     else:
         images.sort(key=lambda im: im[1])
     q = torch.tensor([im[2] for im in images], dtype=torch.float64)
@@ -472,7 +477,8 @@ def _decode(path: Path, pose_path: Path, track: PoseTrack, cfg: CustomImportConf
         stream.thread_type = "AUTO"
         rate = _video_rate(stream)
         if cfg.fps is not None and (rate is None or cfg.fps > float(rate) + 1e-6):
-            raise CustomImportError(path, "fps", f"--fps {cfg.fps} needs a source rate at least as high, the video has {float(rate) if rate else 'none'}")
+            have = float(rate) if rate else "none"
+            raise CustomImportError(path, "fps", f"--fps {cfg.fps} needs a source rate at least as high, the video has {have}")
         step = float(rate) / cfg.fps if cfg.fps else 1.0
         try:
             for frame in container.decode(stream):
@@ -499,7 +505,8 @@ def _decode(path: Path, pose_path: Path, track: PoseTrack, cfg: CustomImportConf
     if track.per_latent:
         track = expand_latent_poses(track, n, cfg.latent_stride, pose_path)
     if track.c2w.shape[0] != n:
-        raise CustomImportError(pose_path, "frames", f"has {track.c2w.shape[0]} poses but the video {path.name} has {n} frames (one pose per frame needed)")
+        raise CustomImportError(pose_path, "frames", f"has {track.c2w.shape[0]} poses but the video {path.name} has {n} frames "
+                                "(one pose per frame needed)")
     K = crop_resize_intrinsics(_to_video_k(track, src_wh, pose_path)[picked], plan, out_hw)
     out_fps = cfg.fps or (float(rate) if rate else 30.0)
     return np.stack(out), picked, out_fps, src_wh, track, K

@@ -53,7 +53,7 @@ def ensure_installed(install: bool = True) -> Optional[str]:
         if shutil.which("apt-get") is None:
             return f"SLURM programs {missing} are missing and there is no apt-get to install {' '.join(PACKAGES)}"
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        cmd = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
+        cmd = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "--no-install-recommends", *PACKAGES]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:  # stale or absent package lists: refresh once
             subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True)

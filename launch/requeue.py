@@ -5,8 +5,9 @@ The trainer knows nothing of SLURM: on SIGUSR1/SIGTERM it checkpoints, writes ``
 launched it decides what happens next; under SLURM that is this module:
 
 - the sbatch script written by :mod:`launch.slurm` runs ``python -m launch.requeue`` after ``srun``
-  returns (under torchrun the workers' exit code is lost, so ``status.json`` is what counts);
-- the Hydra sweep launcher (:mod:`launch.sweep`) calls :func:`decide` / :func:`requeue_job`.
+  returns, when every rank has exited (``launch.task`` turns exit 75 into 0 so that no rank is killed
+  early, and torchrun reports its own code anyway: ``status.json`` is what counts);
+- a Hydra sweep point calls :func:`decide` / :func:`requeue_job` from :mod:`launch.sweep`.
 
 ``scontrol requeue`` puts the job back in the queue under the same job id; it restarts from the top
 of its script with ``SLURM_RESTART_COUNT`` incremented and, given the same run directory and

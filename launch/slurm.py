@@ -9,8 +9,8 @@ the first host of ``SLURM_JOB_NODELIST`` and a port derived from the job id. The
 fixed at submission (``outputs/<name>/<time>_<overrides>``, as ``python -m train`` would name it)
 and the run always starts with ``checkpoint.resume=latest``, so a requeued job resumes into the
 same directory, checkpoints and wandb run. Preemption: SLURM sends SIGUSR1 ``signal_delay_s``
-before the time limit; the trainer checkpoints and exits with code 75, and ``launch.requeue``
-(run by the script after ``srun``) requeues the job. See ``launch/README.md``.
+before the time limit; the trainer checkpoints and records ``status.json`` = preempted, and
+``launch.requeue`` (run by the script after ``srun``) requeues the job. See ``launch/README.md``.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class LaunchSpec:
             raise ValueError(f"--gpus-per-node: must be >= 0, got {self.gpus_per_node}")
         if self.procs_per_node < 1:
             raise ValueError(f"--procs-per-node: must be >= 1, got {self.procs_per_node}")
+        if self.gpus_per_node and self.procs_per_node > self.gpus_per_node:
+            raise ValueError(f"--procs-per-node {self.procs_per_node} > --gpus-per-node {self.gpus_per_node}: each process needs its own GPU")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"--launcher: '{self.launcher}' is not one of {list(LAUNCHERS)}")
         if self.time is not None and not _TIME_RE.match(self.time):
@@ -164,9 +166,9 @@ def sbatch_options(spec: LaunchSpec) -> list[tuple[str, Optional[str]]]:
         ("signal", f"USR1@{c.signal_delay_s}"),  # to every task (not the batch shell): checkpoint and exit 75
         ("chdir", str(spec.workdir)),
     ]
-    for key, value in c.additional_parameters.items():
-        key = str(key).replace("_", "-")
-        opts.append((key, None if value is True else str(value)))
+    for key, value in c.additional_parameters.items():  # {"mail-type": "END", "exclusive": true}
+        if value is not None and value is not False:
+            opts.append((str(key).replace("_", "-"), None if value is True else str(value)))
     return opts
 
 
@@ -192,7 +194,6 @@ def _srun_lines(spec: LaunchSpec) -> list[str]:
     return [" ".join(srun), *_wrap(run), *_wrap(train)]
 
 
-
 def render_script(spec: LaunchSpec) -> str:
     """The sbatch script of ``spec``."""
     c = spec.cluster
@@ -205,8 +206,8 @@ def render_script(spec: LaunchSpec) -> str:
     lines += [
         f"# {spec.nodes} node(s) x {spec.procs_per_node} process(es) ({spec.launcher}); run directory {spec.run_dir}",
         f"# Preemption: SIGUSR1 {c.signal_delay_s}s before the time limit (or `scancel --signal=USR1 <job>`) makes the",
-        "# trainer checkpoint and exit with 75; launch.requeue then requeues this job, which resumes in the same run",
-        "# directory with checkpoint.resume=latest (and the same wandb run).",
+        "# trainer checkpoint and write status.json = preempted; launch.requeue then requeues this job, which resumes",
+        "# in the same run directory with checkpoint.resume=latest (and the same wandb run).",
     ]
     for key, value in sbatch_options(spec):
         lines.append(f"#SBATCH --{key}" if value is None else f"#SBATCH --{key}={value}")
@@ -233,7 +234,7 @@ def render_script(spec: LaunchSpec) -> str:
         " \\\n    ".join(_srun_lines(spec)),
         "rc=$?",
         "",
-        "# preempted (status.json says so, or exit code 75): requeue; otherwise end with the training's exit code",
+        "# preempted (status.json says so): requeue; otherwise end with the training's exit code",
         f'exec "$PYTHON" -m launch.requeue --run-dir "${RUN_DIR_ENV}" --exit-code "$rc" --max-requeues {spec.max_requeues}',
         "",
     ]

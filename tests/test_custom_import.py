@@ -71,7 +71,8 @@ def _write_poses(fmt: str, path, c2w: torch.Tensor, K: torch.Tensor = K0, cam_si
         path.write_text("\n".join(rows) + "\n")
     elif fmt == "colmap":
         path.mkdir(parents=True, exist_ok=True)
-        (path / "cameras.txt").write_text(f"# Camera list\n1 PINHOLE {cam_size[0]} {cam_size[1]} {K[0, 0].item()} {K[1, 1].item()} {K[0, 2].item()} {K[1, 2].item()}\n")
+        fx, fy, cx, cy = (K[0, 0].item(), K[1, 1].item(), K[0, 2].item(), K[1, 2].item())
+        (path / "cameras.txt").write_text(f"# Camera list\n1 PINHOLE {cam_size[0]} {cam_size[1]} {fx} {fy} {cx} {cy}\n")
         lines = ["# Image list with two lines of data per image:"]
         for i in range(len(c2w)):
             w2c = invert_rigid(c2w[i]).numpy()
@@ -176,7 +177,8 @@ def test_malformed_inputs_raise_named_errors(data, tmp_path):
     root, frames, c2w, keys = data
     video = root / "videos" / "walk.mp4"
     # Frame count: 16 poses for 17 frames.
-    e = _expect(tmp_path / "a", video, "per_frame_json", lambda p: _write_poses("per_frame_json", p, c2w[:16]), r"has 16 poses but the video walk.mp4 has 17 frames")
+    e = _expect(tmp_path / "a", video, "per_frame_json", lambda p: _write_poses("per_frame_json", p, c2w[:16]),
+                r"has 16 poses but the video walk.mp4 has 17 frames")
     assert e.field == "frames"
     # Non-rigid w2c (a scaled rotation) at frame 5.
     def scaled(p):
@@ -199,7 +201,8 @@ def test_malformed_inputs_raise_named_errors(data, tmp_path):
         p.write_text("\n".join(lines))
     _expect(tmp_path / "d", video, "csv", short_row, r"row 2: has 20 columns, expected 21")
     # Per-latent JSON whose latents do not cover the video: 4 latents = 13 frames.
-    _expect(tmp_path / "e", video, "worldplay_json", lambda p: write_pose_json(p, c2w[:13:4], K0), r"4 latents.*13 frames, but the video has 17")
+    _expect(tmp_path / "e", video, "worldplay_json", lambda p: write_pose_json(p, c2w[:13:4], K0),
+            r"4 latents.*13 frames, but the video has 17")
     # NaN in a per-latent JSON.
     def nan_json(p):
         write_pose_json(p, c2w[::4], K0)

@@ -106,6 +106,8 @@ def test_spec_rejects_bad_values(tmp_path):
         _spec(tmp_path, launcher="mpirun")
     with pytest.raises(ValueError, match="--nodes"):
         _spec(tmp_path, nodes=0)
+    with pytest.raises(ValueError, match="its own GPU"):
+        _spec(tmp_path, gpus_per_node=4, procs_per_node=8)
     with pytest.raises(ValueError, match="absolute"):
         _spec(tmp_path, run_dir=Path("relative/run"))
 
@@ -249,6 +251,22 @@ def test_slurm_env_without_torchrun():
     assert slurm_env({}) is None
 
 
+def test_minicluster_config_and_install_refusals(tmp_path, monkeypatch):
+    import launch.minicluster as mc
+
+    conf = mc.slurm_conf(tmp_path, cpus=6, ctld_port=7001, slurmd_port=7002, first_job_id=1234)
+    for line in ("ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SlurmctldPort=7001", "FirstJobId=1234",
+                 f"AuthInfo=socket={tmp_path}/munge/munge.sock,cred_expire=10", "NodeName=localhost NodeAddr=127.0.0.1 CPUs=6"):
+        assert line in conf.splitlines() or any(ln.startswith(line) for ln in conf.splitlines()), line
+    monkeypatch.setattr(mc, "_which", lambda name: None)  # nothing installed
+    monkeypatch.setattr(mc.os, "geteuid", lambda: 1000)
+    assert "needs root" in mc.ensure_installed(install=True)
+    monkeypatch.setattr(mc.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(mc.shutil, "which", lambda name, **kw: None)  # no apt-get
+    assert "no apt-get" in mc.ensure_installed(install=True)
+    assert "missing" in mc.ensure_installed(install=False)
+
+
 # ------------------------------------------------------------------------------------------------
 # A real SLURM
 # ------------------------------------------------------------------------------------------------
@@ -260,7 +278,8 @@ def cluster(tmp_path_factory):
 
     reason = ensure_installed(install=True)
     if reason:
-        pytest.skip(f"no local SLURM: {reason}. Enable: run as root with apt (the fixture installs slurm-wlm and munge), or `make slurm-local`")
+        pytest.skip(f"no local SLURM: {reason}. To enable: run the tests as root on a machine with apt-get (the fixture installs "
+                    "slurm-wlm and munge), or install them first with `sudo .venv/bin/python -m launch.minicluster install`")
     c = MiniCluster(tmp_path_factory.mktemp("slurm")).start()
     yield c
     c.stop()

@@ -308,6 +308,8 @@ def test_unknown_kind_and_bad_frame_count_raise():
         make_trajectory("spiral", scene, 9, np.random.default_rng(0))
     with pytest.raises(ValueError, match="1 \\+ 4"):
         make_trajectory("random", scene, 10, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="segment_min_latents"):
+        make_trajectory("random", scene, 9, np.random.default_rng(0), TrajectoryConfig(segment_min_latents=0))
 
 
 def test_built_scene_rows_and_free_space():

@@ -264,6 +264,22 @@ def _plan_orbit(scene: Scene, cfg: TrajectoryConfig, rng: np.random.Generator, T
     return Trajectory(*walker.result(), kind="orbit", info=info)
 
 
+def _check_config(cfg: TrajectoryConfig) -> None:
+    problems = []
+    if cfg.stride < 1:
+        problems.append(f"stride must be >= 1, got {cfg.stride}")
+    if not 1 <= cfg.segment_min_latents <= cfg.segment_max_latents:
+        problems.append(f"need 1 <= segment_min_latents <= segment_max_latents, got {cfg.segment_min_latents}, {cfg.segment_max_latents}")
+    if cfg.latent_translation <= 0 or cfg.latent_rotation_deg <= 0:
+        problems.append(f"latent steps must be positive, got {cfg.latent_translation}, {cfg.latent_rotation_deg}")
+    if cfg.margin < 0 or cfg.height_band < 0:
+        problems.append(f"margin and height_band must be >= 0, got {cfg.margin}, {cfg.height_band}")
+    if cfg.orbit_radius_max <= 0 or cfg.orbit_radius_min > cfg.orbit_radius_max:
+        problems.append(f"need 0 < orbit_radius_min <= orbit_radius_max, got {cfg.orbit_radius_min}, {cfg.orbit_radius_max}")
+    if problems:
+        raise ValueError("TrajectoryConfig: " + "; ".join(problems))
+
+
 def plan_trajectory(
     kind: str, scene: Scene, num_frames: int, rng: np.random.Generator, config: TrajectoryConfig | None = None
 ) -> Trajectory:
@@ -273,6 +289,7 @@ def plan_trajectory(
     back to ``random`` (the returned ``kind`` says which was drawn, ``info['fallback']`` why).
     """
     cfg = config or TrajectoryConfig()
+    _check_config(cfg)
     if kind not in TRAJECTORY_KINDS:
         raise ValueError(f"unknown trajectory kind {kind!r}; expected one of {TRAJECTORY_KINDS}")
     T = num_latents(num_frames, cfg.stride)

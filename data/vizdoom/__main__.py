@@ -69,6 +69,8 @@ def _summary(clips_stats: list[dict], revisits: list[dict]) -> dict:
 
     out = {k: stat([c[k] for c in clips_stats]) for k in ("action", "translation", "rotation", "steady")}
     if revisits:
+        out["revisit_mirror_median_map_units"] = stat([r["mirror_median_map_units"] for r in revisits])
+        out["revisit_mirror_max_map_units"] = stat([r["mirror_max_map_units"] for r in revisits])
         out["revisit_end_distance_map_units"] = stat([r["end_distance_map_units"] for r in revisits])
         out["revisit_end_yaw_error_deg"] = stat([r["end_yaw_error_deg"] for r in revisits])
         out["revisit_farthest_map_units"] = stat([r["farthest_map_units"] for r in revisits])

@@ -88,7 +88,7 @@ class ExplorerConfig:
     # Weights of translation classes: none, W, S, D, A, W+D, W+A, S+D, S+A.
     translation_weights: tuple[float, ...] = (0.08, 0.40, 0.06, 0.06, 0.06, 0.14, 0.14, 0.03, 0.03)
     rotation_weights: tuple[float, float, float] = (0.5, 0.25, 0.25)  # none, yaw-right, yaw-left
-    near_wall_units: float = 72.0  # free space ahead (map units) below which a forward walker turns away
+    near_wall_units: float = 128.0  # free space ahead (map units) below which a forward walker turns away
     avoid_frames: tuple[int, int] = (8, 20)  # how long an avoidance turn lasts at least
 
 

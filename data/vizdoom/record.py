@@ -219,7 +219,9 @@ def record_clip(env: DoomEnv, cfg: RecordConfig, seed: int) -> dict:
     return record_clips(env, cfg, seed, 1)[0]
 
 
-def pose_key_thresholds(env_cfg: DoomConfig, stride: int = 4, translation_fraction: float = 0.35, rotation_fraction: float = 0.5) -> MotionThresholds:
+def pose_key_thresholds(
+    env_cfg: DoomConfig, stride: int = 4, translation_fraction: float = 0.35, rotation_fraction: float = 0.5
+) -> MotionThresholds:
     """Key-derivation thresholds scaled to this source: a fraction of the full-speed motion per latent.
 
     WorldPlay's fixed 0.01 units / 0.05 deg suit its 0.08-unit steps. Doom's momentum makes the
