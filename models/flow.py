@@ -9,7 +9,6 @@ Convention (HunyuanVideo / WorldPlay code, research/worldplay.md §2.3):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -18,25 +17,6 @@ from torch import Tensor
 # The 4-step distilled schedule: Self-Forcing's t = [1000, 750, 500, 250] warped with shift 5.
 DISTILLED_SIGMAS = (1.0, 0.9375, 0.8333, 0.625)
 SCHEDULES = ("euler", "distilled")
-
-
-@dataclass
-class FlowConfig:
-    """Training-time noise sampling: σ = shift(sigmoid(N(logit_mean, logit_std)))."""
-
-    shift: float = 3.0
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-
-
-@dataclass
-class SamplingConfig:
-    """Inference schedule: ``steps`` shifted Euler steps, or the 4-step ``distilled`` schedule; CFG scale."""
-
-    steps: int = 50
-    shift: float = 5.0
-    guidance: float = 6.0
-    schedule: str = "euler"
 
 
 def _expand_sigma(sigma: Union[Tensor, float], x: Tensor) -> Union[Tensor, float]:
@@ -93,13 +73,13 @@ def distilled_sigmas() -> Tensor:
     return torch.tensor((*DISTILLED_SIGMAS, 0.0), dtype=torch.float32)
 
 
-def sampling_sigmas(cfg: SamplingConfig) -> Tensor:
-    """σ schedule [n + 1] that ``cfg`` describes ("euler": ``steps`` shifted steps; "distilled": 4 steps)."""
-    if cfg.schedule == "euler":
-        return inference_sigmas(cfg.steps, cfg.shift)
-    if cfg.schedule == "distilled":
+def sampling_sigmas(schedule: str, steps: int, shift: float) -> Tensor:
+    """σ schedule [n + 1] ("euler": ``steps`` shifted steps; "distilled": the 4-step schedule)."""
+    if schedule == "euler":
+        return inference_sigmas(steps, shift)
+    if schedule == "distilled":
         return distilled_sigmas()
-    raise ValueError(f"sampling.schedule: unknown schedule {cfg.schedule!r}; expected one of {SCHEDULES}")
+    raise ValueError(f"sampling.schedule: unknown schedule {schedule!r}; expected one of {SCHEDULES}")
 
 
 def sample_train_sigma(

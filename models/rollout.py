@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from data.geometry import invert_rigid
-from models.flow import add_noise, cfg_combine, distilled_sigmas, euler_step, inference_sigmas, x0_from_velocity
+from models.flow import add_noise, cfg_combine, euler_step, sampling_sigmas, x0_from_velocity
 from models.memory import MemoryConfig, reframe_positions, select_context, select_window_context
 
 __all__ = [
@@ -260,9 +260,7 @@ class Rollout:
         """The σ schedule [n + 1] (float32), from 1 down to 0; copied to each device once."""
         dev = torch.device(device) if device is not None else torch.device("cpu")
         if dev not in self._sigmas:
-            cfg = self.cfg
-            s = distilled_sigmas() if cfg.schedule == "distilled" else inference_sigmas(cfg.steps, cfg.shift)
-            self._sigmas[dev] = s.to(dev)
+            self._sigmas[dev] = sampling_sigmas(self.cfg.schedule, self.cfg.steps, self.cfg.shift).to(dev)
         return self._sigmas[dev]
 
     @property

@@ -240,17 +240,6 @@ def test_task_wrapper(tmp_path):
         assert f"alive 3 ['{code}']" in done.stdout
 
 
-def test_slurm_env_without_torchrun():
-    from train.distributed import launch_env, slurm_env
-
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456", "SLURM_STEP_NODELIST": "gpu[003-004]"}
-    got = slurm_env({**env, "MASTER_ADDR": "gpu003"})
-    assert got == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu003", "MASTER_PORT": str(20000 + 123456 % 20000)}
-    assert slurm_env({k: v for k, v in env.items()})["MASTER_ADDR"] == "gpu003"  # first host of the nodelist
-    assert launch_env({**env, "RANK": "0", "WORLD_SIZE": "2"})["WORLD_SIZE"] == "2"  # torchrun's variables win
-    assert slurm_env({}) is None
-
-
 def test_minicluster_config_and_install_refusals(tmp_path, monkeypatch):
     import launch.minicluster as mc
 

@@ -75,6 +75,19 @@ def test_short_clip_renders_headless(env):
         env.keys_to_buttons(np.array([0, 0, 0, 0, 0, 0, 1, 0], bool))
 
 
+@pytest.mark.parametrize("monsters", [False, True])
+def test_monsters_only_when_asked(monsters, tmp_path, monkeypatch):
+    with DoomEnv(DoomConfig(width=64, height=48, monsters=monsters)) as e:
+        e.game.close()  # re-initialise with the object list on (the engine writes into its cwd)
+        e.game.set_objects_info_enabled(True)
+        monkeypatch.chdir(tmp_path)
+        e.game.init()
+        e.reset("MAP01", seed=0)
+        names = {o.name for o in e.game.get_state().objects}
+    assert "DoomPlayer" in names
+    assert bool(names & {"Zombieman", "ShotgunGuy", "DoomImp"}) == monsters, names
+
+
 def test_forward_and_strafe_move_along_camera_axes(env):
     for keys, axis in ((W, 2), (D, 0)):
         c2w = _poses(_walk(env, keys, 8))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from data.actions import action_id_to_keys
+from data.vizdoom.env import DEPTH_MAP_UNITS_PER_STEP
 
 __all__ = [
     "AgentObs",
@@ -67,7 +68,7 @@ class Agent(Protocol):
     def act(self, obs: AgentObs) -> np.ndarray: ...
 
 
-def free_space(depth: np.ndarray, map_units_per_step: float = 8.0) -> tuple[float, float, float]:
+def free_space(depth: np.ndarray, map_units_per_step: float = DEPTH_MAP_UNITS_PER_STEP) -> tuple[float, float, float]:
     """Free distance (map units) ahead, on the left and on the right, from a depth buffer uint8 [H, W].
 
     Looks at a band around the horizon row (the floor below it is far away), splits it into

@@ -1,10 +1,11 @@
 """Record ViZDoom clips in the clip contract, and check recorded keys against recorded poses.
 
-A clip is F consecutive frames of one episode: frame 0 is the state after an unrecorded warm-up
-walk (so clips of one map start in different places), ``keys[i]`` are the keys held from frame
-i-1 to frame i (``keys[0]``: those held into frame 0), poses are rebased to frame 0. Clips in
-which the engine ends the episode (death on a damaging floor, an exit line) or teleports the
-player are rejected and re-recorded from a derived seed.
+A clip is F consecutive frames of one episode: frame 0 is the state after an unrecorded walk
+(from the map start, or from the end of the episode's previous clip), so clips of one map start
+in different places; ``keys[i]`` are the keys held from frame i-1 to frame i (``keys[0]``: those
+held into frame 0); poses are rebased to frame 0. Up to ``clips_per_episode`` clips share an
+episode (one map load). Clips in which the engine ends the episode (death on a damaging floor,
+an exit line) or teleports the player are rejected and re-recorded in a new episode.
 """
 
 from __future__ import annotations
