@@ -1,1 +1,1 @@
-"""Worldsmith: launch."""
+"""Worldsmith: launching on SLURM (sbatch scripts, sweeps, preemption and requeue); see launch/README.md."""

@@ -15,6 +15,7 @@ from data.synthetic import (
     Box,
     Cylinder,
     Scene,
+    SceneConfig,
     Sphere,
     SyntheticConfig,
     TrajectoryConfig,
@@ -60,6 +61,8 @@ def test_clip_meta_and_frames_move():
     meta = clip["meta"]
     assert meta["source"] == "synthetic" and meta["trajectory"] == "random" and meta["fps"] == 16.0
     assert meta["scene_seed"] == 3 and meta["stride"] == 4
+    rebuilt = Scene.random(meta["scene_seed"], SceneConfig(**meta["scene_config"]))
+    assert torch.equal(rebuilt.center, Scene.random(3).center)
     assert clip["depth"].dtype == np.float32 and clip["depth"].shape == clip["video"].shape[:3]
     assert np.isclose(meta["step_translation"] * meta["stride"], 0.08)
     assert np.isclose(meta["step_rotation_deg"] * meta["stride"], 3.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 
 from data.contract import validate_clip
@@ -58,6 +60,8 @@ def make_clip(
         "world_up": [0.0, -1.0, 0.0],
         **traj.info,
     }
+    if scene.config is not None:  # with scene_seed, enough to rebuild the scene: Scene.random(seed, SceneConfig(**d))
+        meta["scene_config"] = asdict(scene.config)
     clip = {
         "video": video.numpy(),
         "c2w": c2w.numpy(),

@@ -121,6 +121,7 @@ class Scene:
     fog_density: float
     fog_color: Tensor  # float32 [3]
     seed: int = 0
+    config: SceneConfig | None = None  # set by Scene.random: Scene.random(seed, config) rebuilds this scene
 
     # ------------------------------------------------------------------------------------------
     # Construction
@@ -217,8 +218,9 @@ class Scene:
             r = float(rng.uniform(0.2, 0.6))
             if (xz := place(r)) is not None:
                 prims.append(Sphere(xz[0], xz[1], r))
-        return Scene.build(hx, hz, height, prims, sky=sky, wall_height=cfg.wall_height,
-                           fog_density=cfg.fog_density, seed=seed)
+        scene = Scene.build(hx, hz, height, prims, sky=sky, wall_height=cfg.wall_height,
+                            fog_density=cfg.fog_density, seed=seed)
+        return replace(scene, config=cfg)
 
     # ------------------------------------------------------------------------------------------
     # Queries
