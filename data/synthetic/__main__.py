@@ -5,7 +5,8 @@
 
 Clip i uses scene ``i % K`` (K defaults to N: one scene per clip). Scene and clip seeds derive from
 ``--seed`` and the indices, so any clip can be regenerated alone with ``make_clip``, and the output
-is the same whatever ``--workers`` (processes, one torch thread each; clips are written in order). Writes
+is the same whatever ``--workers`` (processes, ``--threads`` torch threads each; clips are written in
+order). Writes
 ``clips-*.tar`` + ``index.json`` (data.shards), ``preview.mp4`` (the first clips back to back),
 ``preview.png`` (a strip of the first clip) and ``generation.json`` (arguments and config).
 """
@@ -43,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--samples-per-shard", type=int, default=64)
     p.add_argument("--preview-clips", type=int, default=4, help="clips shown back to back in preview.mp4")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (each renders with one torch thread)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (scale with the cores: 1 per core)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest on shared cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     return p
 
@@ -57,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     scenes = args.clips if args.scenes is None else args.scenes
     if scenes < 1:
         raise SystemExit(f"--scenes must be >= 1, got {scenes}")
-    if args.workers < 1:
-        raise SystemExit(f"--workers must be >= 1, got {args.workers}")
+    if args.workers < 1 or args.threads < 1:
+        raise SystemExit(f"--workers and --threads must be >= 1, got {args.workers}, {args.threads}")
     cfg = SyntheticConfig(num_frames=args.frames, height=args.size, width=args.size, fov_x_deg=args.fov,
                           fps=args.fps, trajectory=args.trajectory)
     try:
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     previews: list[np.ndarray] = []
     with ShardWriter(out, prefix="clips", samples_per_shard=args.samples_per_shard, video_format=args.video_format,
                      fps=args.fps, overwrite=args.overwrite) as writer:
-        for i, clip in enumerate(iter_dataset_clips(args.clips, scenes, args.seed, cfg, args.workers)):
+        for i, clip in enumerate(iter_dataset_clips(args.clips, scenes, args.seed, cfg, args.workers, args.threads)):
             writer.write(clip)
             if i < args.preview_clips:
                 previews.append(clip["video"])
