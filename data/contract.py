@@ -9,8 +9,10 @@
 | caption | str                   | may be empty                                               |
 | meta    | dict                  | source, scene id, fps, trajectory kind, ...                |
 
-Optional: ``depth`` float32 [F, H, W] (sources with exact geometry). Tensors may be numpy arrays
-or torch tensors; validation accepts both.
+Optional: ``depth`` float32 [F, H, W] (sources with exact geometry); ``latents`` float16/32
+[C, T, h, w], the clip encoded by an autoencoder of temporal stride s (``F = 1 + s (T - 1)``,
+written by ``python -m data.precompute``; the autoencoder is recorded in ``meta["latents"]``).
+Tensors may be numpy arrays or torch tensors; validation accepts both.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from data.geometry import is_rigid
 
 REQUIRED_KEYS = ("video", "c2w", "K", "keys", "caption", "meta")
-OPTIONAL_KEYS = ("depth",)
+OPTIONAL_KEYS = ("depth", "latents")
 
 
 class ClipError(ValueError):
@@ -69,6 +71,17 @@ def validate_clip(clip: dict, where: str = "<clip>") -> None:
         raise ClipError(where, "caption", f"expected str, got {type(clip['caption']).__name__}")
     if not isinstance(clip["meta"], dict):
         raise ClipError(where, "meta", f"expected dict, got {type(clip['meta']).__name__}")
+    if clip.get("latents") is not None:
+        lat = _np(clip["latents"])
+        info = clip["meta"].get("latents") if isinstance(clip["meta"], dict) else None
+        if lat.ndim != 4 or not np.issubdtype(lat.dtype, np.floating):
+            raise ClipError(where, "latents", f"expected float [C, T, h, w], got {lat.dtype} {list(lat.shape)}")
+        if not isinstance(info, dict) or "temporal_stride" not in info:
+            raise ClipError(where, "latents", "present but meta['latents'] does not record the autoencoder (temporal_stride, ...)")
+        if 1 + int(info["temporal_stride"]) * (lat.shape[1] - 1) != F:
+            raise ClipError(where, "latents", f"{lat.shape[1]} latents at temporal stride {info['temporal_stride']} do not cover {F} frames")
+        if not np.isfinite(lat).all():
+            raise ClipError(where, "latents", "contains NaN or inf")
     if "depth" in clip and clip["depth"] is not None:
         depth = _np(clip["depth"])
         if tuple(depth.shape) != (F, H, W):

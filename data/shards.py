@@ -73,6 +73,7 @@ VIDEO_ENTRIES = {"lossless": "video.png", "mp4": "video.mp4"}
 DEPTH_DTYPES = ("float16", "float32")
 DEPTH_ENTRY = "depth.npy.zlib"
 ARRAY_ENTRIES = {"c2w": "c2w.npy", "K": "intrinsics.npy", "keys": "keys.npy"}
+LATENTS_ENTRY = "latents.npy"  # optional: precomputed autoencoder latents (float16), see data.precompute
 # libpng refuses images taller than 1e6 rows; OpenCV refuses to decode more than 2^30 pixels.
 PNG_MAX_ROWS = 1_000_000
 PNG_MAX_PIXELS = 1 << 30
@@ -167,6 +168,8 @@ def encode_sample(clip: dict, settings: ShardSettings | None = None, where: str 
         if s.depth_dtype == "float16" and np.abs(depth).max(initial=0.0) > np.finfo(np.float16).max:
             raise ClipError(where, "depth", f"max {np.abs(depth).max():.4g} overflows float16; use depth_dtype='float32'")
         out[DEPTH_ENTRY] = zlib.compress(_npy_bytes(depth.astype(s.depth_dtype)), 1)
+    if clip.get("latents") is not None:
+        out[LATENTS_ENTRY] = _npy_bytes(_as_numpy(clip["latents"]).astype(np.float16))
     out["caption.txt"] = clip["caption"].encode("utf-8")
     try:
         out["meta.json"] = json.dumps(clip["meta"], default=_json_default, sort_keys=True).encode("utf-8")
@@ -250,6 +253,8 @@ def decode_sample(raw: dict, where: str | None = None) -> dict:
         except zlib.error as exc:
             raise ShardError(where, DEPTH_ENTRY, f"corrupt zlib data: {exc}") from exc
         clip["depth"] = _load_npy(depth_npy, where, DEPTH_ENTRY).astype(np.float32)
+    if LATENTS_ENTRY in entries:
+        clip["latents"] = _load_npy(entries[LATENTS_ENTRY], where, LATENTS_ENTRY)
     try:
         clip["caption"] = need("caption.txt", "caption").decode("utf-8")
     except UnicodeDecodeError as exc:
