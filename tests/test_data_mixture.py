@@ -113,7 +113,7 @@ def test_bad_entries_name_the_entry(sources, tmp_path):
 def test_override_syntax_builds_typed_entries(sources):
     a, b = sources
     node = OmegaConf.merge(OmegaConf.structured(DataConfig),
-                           OmegaConf.from_dotlist([f"mixture=[{{path: {a}, weight: 0.5}}, {{path: {b}}}]"]))
+                           OmegaConf.from_dotlist([f"mixture=[{{path: {a}, weight: 0.5}}, {{path: {b}}}]", "num_latents=2"]))
     cfg = OmegaConf.to_object(node)
     assert cfg.mixture == [MixtureSource(a, 0.5), MixtureSource(b, 1.0)] and cfg.path == ""
     ds = build_dataset(cfg, temporal_stride=4, seed=0)

@@ -112,3 +112,31 @@ def test_periodic_sample_and_evaluation_are_logged(two_clips, tmp_path):
     assert "sample/psnr" in logged, logged
     assert any(k.startswith("sample/eval/short/") for k in logged), logged
     assert list((tmp_path / "run" / "samples").rglob("*.mp4"))
+
+
+def test_lora_stage_exports_adapter_and_an_equivalent_merged_bundle(two_clips, tmp_path):
+    from models.bundle import load_bundle
+    from train.lora import load_adapter
+    from train.run import run
+
+    common = [f"data.path={two_clips}", *SMALL, "data.batch_size=2", "logger.log_every=1"]
+    run(cfg_for("demo", *common, "trainer.steps=2"), tmp_path / "base")
+    base_dir = tmp_path / "base" / "export" / "bundle"
+    run(cfg_for("demo", *common, "trainer.steps=3", f"init={base_dir}", "lora.enabled=true", "lora.rank=4", "optim.lr=5e-2"), tmp_path / "lora")
+    out = tmp_path / "lora" / "export"
+    assert (out / "adapter" / "adapter.safetensors").exists()
+    merged = load_bundle(out / "bundle", weights="raw").model.eval()
+    assert load_bundle(out / "bundle").meta["parent"]["path"] == str(base_dir.resolve())
+    # init= starts from the parent's weights to run (its EMA); the adapter applies on top of those
+    adapted = load_adapter(load_bundle(base_dir).model, out / "adapter").eval()
+    base = load_bundle(base_dir).model.eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 48, 4, 4, 4, generator=g)
+    kw = dict(actions=torch.tensor([[0, 9, 9, 1]]), w2c=torch.eye(4).expand(1, 4, 4, 4), K=torch.tensor([[0.7, 0, 0.5], [0, 0.7, 0.5], [0, 0, 1.0]]).expand(1, 4, 3, 3), chunk_size=4)
+    with torch.no_grad():
+        s = torch.full((1, 4), 0.5)
+        out_m, out_a, out_b = merged(x, s, **kw), adapted(x, s, **kw), base(x, s, **kw)
+    assert torch.allclose(out_m, out_a, atol=1e-5)
+    assert not torch.equal(out_m, out_b)  # the fine-tune changed the function...
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert changed and all(".vid." in k or ".txt." in k for k in changed)  # ...through the LoRA targets only
