@@ -11,7 +11,7 @@ EXTRAS ?= dev,vizdoom
 DEMO_OUT ?= outputs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow venv clean
+.PHONY: demo test test-slow test-slurm slurm-local venv clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,13 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# Install slurm-wlm + munge (root, apt) so the SLURM tests run against a real local SLURM.
+slurm-local: $(STAMP)
+	$(PY) -m launch.minicluster install
+
+test-slurm: $(STAMP)
+	$(PY) -m pytest -q -m slurm tests/test_slurm.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs

@@ -268,7 +268,7 @@ def cluster(tmp_path_factory):
     reason = ensure_installed(install=True)
     if reason:
         pytest.skip(f"no local SLURM: {reason}. To enable: run the tests as root on a machine with apt-get (the fixture installs "
-                    "slurm-wlm and munge), or install them first with `sudo .venv/bin/python -m launch.minicluster install`")
+                    "slurm-wlm and munge), or install them first with `sudo make slurm-local`")
     c = MiniCluster(tmp_path_factory.mktemp("slurm")).start()
     yield c
     c.stop()
