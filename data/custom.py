@@ -46,7 +46,7 @@ from torch import Tensor
 from data.actions import NUM_KEYS, MotionThresholds, poses_to_keys
 from data.geometry import invert_rigid, is_rigid, rebase_to_first, resize_intrinsics
 from data.poseio import read_pose_json
-from data.transforms import crop_box, crop_resize_frames, crop_resize_intrinsics
+from data.transforms import crop_box, crop_resize_frames, crop_resize_intrinsics, parse_wxh
 
 __all__ = [
     "POSE_FORMATS",
@@ -648,10 +648,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     width = height = None
     if args.size:
-        m = re.fullmatch(r"(\d+)[xX](\d+)", args.size)
-        if not m:
-            p.error(f"--size must look like 640x360, got {args.size!r}")
-        width, height = int(m.group(1)), int(m.group(2))
+        try:
+            width, height = parse_wxh(args.size)
+        except ValueError as e:
+            p.error(str(e))
     cfg = CustomImportConfig(pose_format=args.pose_format, width=width, height=height, fps=args.fps,
                              clip_frames=args.clip_frames, latent_stride=args.latent_stride,
                              translation_scale=args.translation_scale, video_format=args.video_format)

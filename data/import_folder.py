@@ -55,7 +55,7 @@ from data.custom import (
     read_per_frame_json,
 )
 from data.geometry import rebase_to_first
-from data.transforms import crop_box, crop_resize_frames, crop_resize_intrinsics
+from data.transforms import crop_box, crop_resize_frames, crop_resize_intrinsics, parse_wxh
 
 __all__ = ["IMAGE_SUFFIXES", "FolderImportConfig", "FolderItem", "find_items", "read_frame_poses", "read_actions",
            "scale_factor", "import_item", "import_folder", "main"]
@@ -325,10 +325,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     width = height = None
     if args.size:
-        m = re.fullmatch(r"(\d+)[xX](\d+)", args.size)
-        if not m:
-            p.error(f"--size must look like 640x360, got {args.size!r}")
-        width, height = int(m.group(1)), int(m.group(2))
+        try:
+            width, height = parse_wxh(args.size)
+        except ValueError as e:
+            p.error(str(e))
     if args.target_step <= 0:
         p.error(f"--target-step must be > 0, got {args.target_step}")
     cfg = FolderImportConfig(width=width, height=height, fps=args.fps, image_fps=args.image_fps, clip_frames=args.clip_frames,

@@ -26,16 +26,7 @@ import torch
 
 from data.indexed import ShardDataset
 from data.shards import ShardWriter
-from data.transforms import crop_resize
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' -> (height, width)."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise SystemExit(f"data.precompute: --size must be WxH (e.g. 64x64), got {text!r}") from None
-    return h, w
+from data.transforms import crop_resize, parse_wxh
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    height, width = parse_size(a.size)
+    try:
+        width, height = parse_wxh(a.size)
+    except ValueError as e:
+        raise SystemExit(f"data.precompute: {e}") from None
     ae_cfg = AutoencoderConfig(kind=a.autoencoder, path=a.ae_path, patch_size=a.patch_size, temporal_patch=a.temporal_patch, dtype=a.dtype)
     ae = build_autoencoder(ae_cfg).to(a.device).eval()
     stride = ae.temporal_stride

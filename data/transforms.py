@@ -53,3 +53,13 @@ def crop_resize(video: np.ndarray, K: np.ndarray | Tensor, height: int, width: i
     """Frame a clip: video uint8 [F, H, W, 3] and K [F, 3, 3] -> [F, height, width, 3] and float64 K."""
     box = crop_box(video.shape[-3:-1], (height, width), rng)
     return crop_resize_frames(video, box, (height, width)), crop_resize_intrinsics(K, box, (height, width))
+
+
+def parse_wxh(text: str) -> tuple[int, int]:
+    """'640x360' -> (width, height); ValueError naming the text otherwise (the CLIs' --size)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise ValueError(f"--size must look like 640x360 (width x height), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
