@@ -20,11 +20,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from models.autoencoders import build_autoencoder
+from models.autoencoders import AutoencoderConfig, build_autoencoder
 from models.bundle import load_bundle, read_bundle_meta, save_bundle
+from models.config import WorldDiTConfig
 from models.dit import WorldDiT
 from models.rollout import Rollout, RolloutConfig
-from models.text_encoders import build_text_encoder
+from models.text_encoders import TextEncoderConfig, build_text_encoder
 from train.config import EMAConfig
 from train.data import DataConfig, build_train_loader
 from train.lora import apply_lora, has_lora, merge_lora_state, save_adapter
@@ -84,8 +85,6 @@ class FlowStage(Stage):
 
     # ---------------------------------------------------------------- roles and data
     def build(self, ctx: StageContext) -> dict[str, Role]:
-        from models.config import WorldDiTConfig
-
         self.ctx = ctx
         self.model_cfg = _structured(WorldDiTConfig, self.cfg.model)
         model = WorldDiT(self.model_cfg)
@@ -95,8 +94,8 @@ class FlowStage(Stage):
             self.parent = {"path": str(Path(self.cfg.init).resolve()), **{k: parent.meta.get(k) for k in ("stage", "step", "config_hash", "code_version", "created")}}
         if self.cfg.lora.enabled:
             model = apply_lora(model, self.cfg.lora)
-        self.autoencoder = build_autoencoder(_plain_ae(self.cfg.autoencoder)).to(ctx.device).eval()
-        self.text_encoder = build_text_encoder(_plain_te(self.cfg.text_encoder)).to(ctx.device).eval()
+        self.autoencoder = build_autoencoder(_structured(AutoencoderConfig, self.cfg.autoencoder)).to(ctx.device).eval()
+        self.text_encoder = build_text_encoder(_structured(TextEncoderConfig, self.cfg.text_encoder)).to(ctx.device).eval()
         if self.model_cfg.latent_channels != self.autoencoder.latent_channels:
             raise ValueError(
                 f"model.latent_channels={self.model_cfg.latent_channels} but autoencoder '{self.cfg.autoencoder.kind}' "
@@ -128,7 +127,8 @@ class FlowStage(Stage):
 
     # ---------------------------------------------------------------- the step
     def make_inputs(self, batch: dict[str, Any], x0: torch.Tensor, step: int) -> ModelInputs:
-        raise NotImplementedError
+        """The one thing a flow stage decides: how a batch with clean latents x0 [B, C, T, h, w] is laid out."""
+        raise NotImplementedError(f"stage '{self.name}' must implement make_inputs(batch, x0, step)")
 
     def _encode_text(self, captions: list[str], inp: ModelInputs) -> ModelInputs:
         if self.model_cfg.text_dim <= 0 or self.text_encoder.dim == 0 or _plain(self.cfg.text_encoder)["kind"] == "none":
@@ -271,18 +271,6 @@ class FlowStage(Stage):
             ema_state=run_state if raw_state is not None else None,
             overwrite=True,
         )
-
-
-def _plain_ae(node: Any) -> Any:
-    from models.autoencoders import AutoencoderConfig
-
-    return _structured(AutoencoderConfig, node)
-
-
-def _plain_te(node: Any) -> Any:
-    from models.text_encoders import TextEncoderConfig
-
-    return _structured(TextEncoderConfig, node)
 
 
 def last_logged_metrics(run_dir: Path) -> dict[str, float]:
