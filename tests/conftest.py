@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(1)  # the suite runs under xdist on 2 cores: one thread per worker
+torch.set_num_threads(1)  # the suite runs under xdist on 2 cores, tiny shapes: one thread per worker is fastest
 
 
 def write_render_dataset(out: Path, moves: list[str], size: int = 32, step: tuple[float, float] = (0.02, 0.75), seed: int = 0) -> Path:

@@ -14,15 +14,6 @@ CPU_BACKENDS = ["masked", "sdpa", "flex"]
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread is fastest, and the CI machines are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def reference(q, k, v, spec: MaskSpec):
     """Explicit softmax(q k^T / sqrt(d)) v in fp64 with the rule written out token by token."""
     qids = [c for n, c in spec.q_segments for _ in range(n)]

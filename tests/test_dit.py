@@ -15,14 +15,6 @@ from models.dit import WorldDiT
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread is fastest, and the CI machines are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 B, C, H, W, L = 2, 16, 4, 4, 5
 ZERO_INIT = ("action_embed.mlp.2.", "prope_proj.")
 

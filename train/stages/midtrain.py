@@ -56,7 +56,18 @@ class Midtrain(FlowStage):
         if self.mem.chunk_size != self.scfg.chunk_size:
             raise ValueError(f"sampling.memory.chunk_size={self.mem.chunk_size} must equal stage.chunk_size={self.scfg.chunk_size}")
         self.seq_len = self.mem.max_context + self.scfg.chunk_size
+        # Which sample kind and which target: host-side choices, drawn on the CPU so the step
+        # never waits on the device to decide a layout.
+        self.layout_rng = torch.Generator().manual_seed(ctx.seed * 1000 + ctx.rank + 29)
         return roles
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "layout_rng": self.layout_rng.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "layout_rng" in state:
+            self.layout_rng.set_state(state["layout_rng"].cpu())
 
     def make_inputs(self, batch: dict[str, Any], x0: torch.Tensor, step: int) -> ModelInputs:
         if self.scfg.mode == "bidirectional":
@@ -72,21 +83,21 @@ class Midtrain(FlowStage):
         for b in range(B):
             # Targets start at or after M so the context is always full (WorldPlay: cur >= 24).
             starts = list(range(-(-M // C) * C, length - C + 1, C))
-            use_memory = bool(starts) and float(torch.rand((), generator=g, device=g.device)) < self.scfg.memory_prob
+            use_memory = bool(starts) and float(torch.rand((), generator=self.layout_rng)) < self.scfg.memory_prob
             if use_memory:
-                cur = starts[int(torch.randint(len(starts), (), generator=g, device=g.device))]
+                cur = starts[int(torch.randint(len(starts), (), generator=self.layout_rng))]
                 lay = memory_layout(batch["c2w"][b].to(torch.float64), cur, self.mem)
-                rows.append(lay.indices)
-                pos.append(lay.positions)
-                loss_mask.append(lay.target_mask.float())
+                rows.append(lay.indices.to(x0.device))
+                pos.append(lay.positions.to(x0.device))
+                loss_mask.append(lay.target_mask.float().to(x0.device))
             else:
-                rows.append(torch.arange(self.seq_len))
-                pos.append(torch.arange(self.seq_len))
-                loss_mask.append(torch.ones(self.seq_len))
-        idx = torch.stack(rows).to(x0.device)
+                rows.append(torch.arange(self.seq_len, device=x0.device))
+                pos.append(torch.arange(self.seq_len, device=x0.device))
+                loss_mask.append(torch.ones(self.seq_len, device=x0.device))
+        idx = torch.stack(rows)
         inp = full.take(idx)
-        inp.t_pos = torch.stack(pos).to(x0.device)
-        inp.loss_mask = torch.stack(loss_mask).to(x0.device)
+        inp.t_pos = torch.stack(pos)
+        inp.loss_mask = torch.stack(loss_mask)
         inp.cond_mask = idx == 0  # the conditioning image sits on real latent 0 wherever it is placed
         sigma = window_sigmas(B, self.seq_len, self.scfg, g, x0.device)
         ctx = inp.loss_mask == 0  # memory samples: context latents
@@ -116,8 +127,8 @@ class Midtrain(FlowStage):
         if not starts:
             raise ValueError(f"clip of {length} latents is shorter than the teacher window of {W} latents")
         g = self.generator
-        use_memory = float(torch.rand((), generator=g, device=g.device)) < self.scfg.memory_prob
-        start = starts[int(torch.randint(len(starts), (), generator=g, device=g.device))] if use_memory else 0
+        use_memory = float(torch.rand((), generator=self.layout_rng)) < self.scfg.memory_prob
+        start = starts[int(torch.randint(len(starts), (), generator=self.layout_rng))] if use_memory else 0
         lay = window_memory_layout(batch["c2w"][0].to(torch.float64), start, W, self.mem)
         idx = lay.indices[None].to(x0.device)
         inp = full.take(idx)
