@@ -65,6 +65,7 @@ class Flops:
     backward: float = 0.0
     recompute: float = 0.0
     parts: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    backward_parts: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     @property
     def model(self) -> float:
@@ -116,6 +117,7 @@ class _Tally:
         self.out.parts[part] += fwd
         if self.train:
             self.out.backward += bwd
+            self.out.backward_parts[part] += bwd
 
     def _adapted(self, name: str) -> bool:
         return self.rank is not None and any(name == t or name.endswith("." + t) for t in self.targets)
@@ -148,7 +150,8 @@ class _Tally:
         return q_grad or kv_grad
 
     def transform(self, part: str, elements: int, x_grad: bool) -> bool:
-        """PRoPE's per-group 4x4 matrix times every 4 channels: 8 FLOPs per element, dX only."""
+        """PRoPE's per-group 4x4 matrix times every 4 channels: 8 FLOPs per element, dX only (elementwise
+        multiply-adds in models/prope.py, counted like the matmul they are)."""
         f = 8 * elements
         self._add(part, f, f * int(x_grad))
         return x_grad

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.flops import worlddit_flops
+from benchmarks.kernel_profile import format_profile, profile_kernels
 from benchmarks.timing import EventTimer, Report, environment, peak_memory_gib, reset_peak_memory, time_calls
 from benchmarks.train_step import build_worlddit, camera_walk, normalized_K
 from data.geometry import invert_rigid
@@ -68,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--autoencoder", default=None, choices=["hunyuan15", "patch", "none"],
                    help="default: hunyuan15 on CUDA, patch on CPU; none skips the decode")
     p.add_argument("--decode-overlap", type=int, default=PlayerConfig.decode_overlap)
+    p.add_argument("--profile", action="store_true", help="after timing, profile one chunk: device time per kernel category")
     p.add_argument("--warmup", type=int, default=2, help="untimed chunks before the distilled setting")
     p.add_argument("--reps", type=int, default=8, help="timed chunks of the distilled setting")
     p.add_argument("--guided-reps", type=int, default=1, help="timed chunks of the guided setting (after a 2-step warm-up)")
@@ -202,6 +204,10 @@ def main(argv: list[str] | None = None) -> Report:
                                        device=device, rest_name="sampler")
         hooks.remove()
         peak = peak_memory_gib(device)
+        if a.profile and not guided:
+            with torch.inference_mode():
+                prof = profile_kernels(lambda: EventTimer(device).once(chunk), device)
+            report.section(format_profile(f"one {a.preset} chunk ({setting}, context {a.context})", prof))
         M = int(records[-1].context_idx.shape[-1])
         label = f"{rollout.num_steps}-step {'CFG ' + str(a.guidance) if guided else 'distilled'}"
         branches = 2 if guided else 1

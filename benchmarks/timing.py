@@ -62,6 +62,13 @@ class EventTimer:
         self._reps.append(self._open)
         self._open = None
 
+    def once(self, fn: Callable[["EventTimer"], Any]) -> Any:
+        """Run ``fn(self)`` as one repetition (for a profiled or extra run of a timed function)."""
+        self.begin()
+        out = fn(self)
+        self.end()
+        return out
+
     def discard(self) -> None:
         """Forget every repetition so far (e.g. the warm-up)."""
         self._reps.clear()
@@ -199,6 +206,7 @@ class Report:
         self.columns = list(columns)
         self.rows: list[dict[str, Any]] = []
         self.notes: list[str] = []
+        self.sections: list[str] = []  # free markdown after the table (e.g. kernel profiles)
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -208,6 +216,12 @@ class Report:
     def note(self, text: str) -> None:
         self.notes.append(text)
         print(f"# {text}", flush=True)
+        self.write()
+
+    def section(self, markdown: str) -> None:
+        """Append a markdown block after the table (printed too)."""
+        self.sections.append(markdown)
+        print(markdown, flush=True)
         self.write()
 
     def header(self) -> str:
@@ -224,6 +238,8 @@ class Report:
         lines += [self._line(r) for r in self.rows]
         if self.notes:
             lines += [""] + [f"- {n}" for n in self.notes]
+        for block in self.sections:
+            lines += ["", block]
         return "\n".join(lines) + "\n"
 
     def write(self) -> None:
@@ -231,6 +247,6 @@ class Report:
             return
         self.out.parent.mkdir(parents=True, exist_ok=True)
         data = {"title": self.title, "command": self.command, "env": self.env, "settings": self.settings,
-                "rows": self.rows, "notes": self.notes}
+                "rows": self.rows, "notes": self.notes, "sections": self.sections}
         self.out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str) + "\n")
         self.out.with_suffix(".md").write_text(self.markdown())

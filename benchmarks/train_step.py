@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from benchmarks.kernel_profile import format_profile, profile_kernels
 from benchmarks.flops import H100_MEASURED_BF16, H100_PEAK_BF16, mfu, worlddit_flops
 from benchmarks.timing import (EventTimer, Report, environment, peak_memory_gib, reset_peak_memory, time_calls,
                                with_oom_retry)
@@ -75,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weights of the trained model (default fp32) or of the frozen LoRA base (default bf16)")
     p.add_argument("--optim", default="adamw", choices=["adamw", "muon"])
     p.add_argument("--no-optim", action="store_true", help="forward + backward only (no optimizer step)")
+    p.add_argument("--profile", action="store_true", help="after timing, profile one step: device time per kernel category")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -196,6 +198,9 @@ def bench_train(a: argparse.Namespace, name: str, backend: str, grad_ckpt: bool,
 
     times, phases = time_calls(step, warmup=a.warmup, reps=a.steps, device=device, after_warmup=warm)
     peak = peak_memory_gib(device)
+    if a.profile and report is not None:
+        prof = profile_kernels(lambda: EventTimer(device).once(step), device)
+        report.section(format_profile(f"one {name} training step ({backend})", prof))
     flops = worlddit_flops(cfg, batch=a.batch, frames=a.latents, height=a.height, width=a.width, text=a.text,
                            chunk=chunk, mode="train", lora_rank=a.lora_rank if a.lora else None,
                            lora_targets=lora.target_modules if lora else (), grad_ckpt=grad_ckpt)

@@ -20,6 +20,10 @@ Backends and where they run:
             gradients use flash / memory-efficient, because cuDNN's backward failed on this layout
             (see ``_sdpa_gpu_priority``). Key padding becomes a boolean mask (which excludes the
             cuDNN/flash kernels). CPU and GPU.
+``cudnn``   Like ``sdpa``, with the cuDNN kernel first for the backward too. Each prefix call gets dense
+            q/k/v (free for the model's token-major one-sample tensors, a copy otherwise) and an
+            output gradient with the output's strides, the layouts cuDNN's backward handles. On CPU it
+            is ``sdpa``.
 ``flex``    ``flex_attention`` with a ``BlockMask`` built once per spec (and reused by every layer
             and every step that shares the spec). Compiled on CUDA; on CPU it runs unfused (eager),
             forward only (torch has no flex backward on CPU): the tests use it as a cross-check.
@@ -45,7 +49,7 @@ from torch import Tensor
 
 __all__ = ["MaskSpec", "attention", "resolve_backend", "flash_available", "BACKENDS"]
 
-BACKENDS = ("auto", "sdpa", "flex", "flash", "masked")
+BACKENDS = ("auto", "sdpa", "cudnn", "flex", "flash", "masked")
 
 try:  # optional dependency: only on machines where it could be built
     from flash_attn import flash_attn_func as _flash_attn_func  # type: ignore[import-not-found]
@@ -226,7 +230,7 @@ def _flex_fn(device: torch.device) -> Callable:
     return _compiled_flex
 
 
-def _sdpa_gpu_priority(needs_grad: bool):
+def _sdpa_gpu_priority(needs_grad: bool, cudnn_backward: bool = False):
     """Kernel priority on CUDA: cuDNN first without autograd, flash first with it.
 
     Measured on H100 (torch 2.11, cuDNN 9.19): cuDNN's backward fails (``mha_graph.execute`` /
@@ -235,7 +239,7 @@ def _sdpa_gpu_priority(needs_grad: bool):
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if needs_grad:
+    if needs_grad and not cudnn_backward:
         order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     else:
         order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -278,22 +282,54 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, backend: str = "a
         return F.scaled_dot_product_attention(q, k, v, attn_mask=spec.dense(q.device))
     if name == "flash":
         return _flash_prefix(q, k, v, spec, plan)
-    if name == "sdpa":
-        return _sdpa_prefix(q, k, v, spec, plan, needs_grad)
+    if name in ("sdpa", "cudnn"):
+        return _sdpa_prefix(q, k, v, spec, plan, needs_grad, packed=name == "cudnn")
     raise AssertionError(name)
 
 
+def _dense(t: Tensor) -> Tensor:
+    """t [B, H, S, D] itself when its memory is dense (head-major or token-major), else a head-major copy.
+
+    A key prefix k[:, :, :k1] of a token-major one-sample batch is dense; of a head-major tensor it is not
+    (the head stride still spans all S tokens), and cuDNN's backward faulted on such strides here.
+    """
+    if t.is_contiguous() or t.transpose(1, 2).is_contiguous():
+        return t
+    return t.contiguous()
+
+
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward hands on the gradient with the forward output's strides (what cuDNN expects)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001 - autograd signature
+        ctx.stride = x.stride()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+        if grad.stride() == ctx.stride:
+            return grad
+        return torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
 def _sdpa_prefix(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, plan: list[tuple[int, int, int]],
-                 needs_grad: bool) -> Tensor:
+                 needs_grad: bool, packed: bool = False) -> Tensor:
     def run() -> Tensor:
         outs = []
         for q0, q1, k1 in plan:
             mask = spec.padding_mask(q0, q1, k1, q.device)
-            outs.append(F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, :k1], v[:, :, :k1], attn_mask=mask))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+            qs, ks, vs = q[:, :, q0:q1], k[:, :, :k1], v[:, :, :k1]
+            if packed:
+                qs, ks, vs = _dense(qs), _dense(ks), _dense(vs)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+            outs.append(_DenseGrad.apply(o) if packed and needs_grad else o)
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat([o.transpose(1, 2) for o in outs], dim=1).transpose(1, 2)  # token-major, like q
 
     if q.device.type == "cuda":
-        with _sdpa_gpu_priority(needs_grad):
+        with _sdpa_gpu_priority(needs_grad, cudnn_backward=packed):
             return run()
     return run()
 

@@ -35,6 +35,7 @@ class WorldDiTConfig:
     qkv_bias: bool = True
     attn_backend: str = "auto"  # auto | sdpa | flex | flash | masked (models/attention.py)
     grad_checkpointing: bool = False  # torch.utils.checkpoint (non-reentrant) around each block when training
+    fuse: bool = True  # torch.compile the blocks' elementwise chains on CUDA (models/fused.py); eager on CPU
 
 
 PRESETS: dict[str, WorldDiTConfig] = {

@@ -312,7 +312,9 @@ class WorldDiT(nn.Module):
         else:
             own = _chunk_segments(T, N, chunk_size)
             spec = self._video_spec(text_len, tmask, [], own, chunk_size is not None, self._spec_memo)
-        layout = FrameLayout(T, N, cos, sin, P, P_inv, spec, text_spec, backend)
+        layout = FrameLayout(T, N, cos, sin, P, P_inv, spec, text_spec, backend, self.cfg.fuse)
+        if cache is not None and fill is None:
+            cache.room = max(cache.room, T * N)  # later context fills leave room for chunks this long
 
         kvs: list[LayerKV] = []
         last = len(self.blocks) - 1
@@ -322,11 +324,11 @@ class WorldDiT(nn.Module):
             vid, txt, kv = self._run(blk, vid, vec, txt, txt_vec, layout, prefix,
                                      want_vid=want_vid, want_txt=i < last, want_kv=fill == "context")
             if kv is not None:  # join with the text now, so only one block's extra copy is alive at a time
-                kvs.append(kv if prefix is None else prefix.cat(kv))
+                kvs.append(LayerKV.joined([prefix, kv], room=cache.room))
         if fill == "context":
             cache.set_context(kvs, T, N, t_pos)
             return None
-        out = unpatchify(self.final(vid, vec, T), T, h, w, ph, pw)
+        out = unpatchify(self.final(vid, vec, T, self.cfg.fuse), T, h, w, ph, pw)
         return out.to(x.dtype)
 
     def _embed_text(self, text: Tensor, text_mask: Tensor | None) -> tuple[Tensor, MaskSpec]:
@@ -349,7 +351,7 @@ class WorldDiT(nn.Module):
         txt, spec = self._embed_text(text, text_mask)
         txt_vec = self._text_vec(text.shape[0], text.device)
         # Text-only pass: no video tokens, only the text spec is used.
-        layout = FrameLayout(0, 0, text.new_zeros(0), text.new_zeros(0), text_spec=spec, backend=self.cfg.attn_backend)
+        layout = FrameLayout(0, 0, None, None, text_spec=spec, backend=self.cfg.attn_backend, fuse=self.cfg.fuse)
         kvs = []
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):

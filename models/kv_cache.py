@@ -5,10 +5,16 @@ Filled by :meth:`WorldDiT.fill_text_cache` (once per prompt) and :meth:`WorldDiT
 denoising step of the current chunk (``model(x_chunk, ..., cache=cache)``).
 
 Per block the cache holds the keys/values that precede the current chunk's own, already laid out in
-attention order ``[text ; context]``: RoPE-branch keys (rotated with the context's own temporal
-positions) and values, and the PRoPE-branch keys/values (``P^-1 k``, ``P^-1 v``; text keys/values are
-shared by both branches, untransformed). Replacing the context only drops references and
-concatenates the new context after the stored text, so it is cheap.
+attention order ``[text ; context]``. With a camera branch the RoPE and PRoPE branches share one
+attention call (models/blocks.py), so keys/values carry ``2 x heads`` heads: the RoPE branch's
+(keys rotated with the context's own temporal positions) then the PRoPE branch's (``P^-1 k``,
+``P^-1 v``; text keys/values appear in both halves, untransformed). Replacing the context only drops
+references, so it is cheap.
+
+Each block's keys/values live in a buffer with room for the current chunk's own tokens after them:
+a denoising step writes its keys/values there and attends over a view, instead of concatenating the
+whole prefix anew in every block of every step (measured in benchmarks/RESULTS.md). The room is
+sized by the longest chunk the cache has seen; writing in place is used only without autograd.
 """
 
 from __future__ import annotations
@@ -23,29 +29,61 @@ from models.attention import MaskSpec
 __all__ = ["LayerKV", "KVCache"]
 
 
-@dataclass
+def _writable(*ts: Tensor) -> bool:
+    """Buffered copies are safe: no tensor is part of an autograd graph (a copy would cut it), and no
+    inference tensor is written outside inference mode."""
+    if any(t.requires_grad for t in ts):
+        return False
+    return torch.is_inference_mode_enabled() or not any(t.is_inference() for t in ts)
+
+
+@dataclass(eq=False)
 class LayerKV:
-    """Keys/values of one block, each [B, heads, S, head_dim]; the PRoPE pair is None without a camera branch."""
+    """Keys/values of one block, each [B, heads, S, head_dim] (views of ``buf_k``/``buf_v`` when buffered)."""
 
     k: Tensor
     v: Tensor
-    k_prope: Tensor | None = None
-    v_prope: Tensor | None = None
+    buf_k: Tensor | None = None  # [B, heads, capacity, head_dim] view of token-major memory, k = buf_k[:, :, :S]
+    buf_v: Tensor | None = None
 
     @property
     def length(self) -> int:
         return self.k.shape[2]
 
-    def cat(self, other: "LayerKV") -> "LayerKV":
-        """Keys/values of self followed by other (along the token axis)."""
+    @classmethod
+    def joined(cls, parts: list["LayerKV | None"], room: int = 0) -> "LayerKV":
+        """The parts in token order, copied into a buffer with ``room`` free tokens after them."""
+        parts = [p for p in parts if p is not None]
+        if room <= 0 or not _writable(*(t for p in parts for t in (p.k, p.v))):
+            if len(parts) == 1:
+                return parts[0]
+            return cls(torch.cat([p.k for p in parts], dim=2), torch.cat([p.v for p in parts], dim=2))
+        n = sum(p.length for p in parts)
+        k0 = parts[0].k
+        shape = (k0.shape[0], n + room, k0.shape[1], k0.shape[3])  # token-major, like the block's own keys
+        buf_k, buf_v = k0.new_empty(shape).transpose(1, 2), k0.new_empty(shape).transpose(1, 2)
+        s = 0
+        for p in parts:
+            buf_k[:, :, s:s + p.length].copy_(p.k)
+            buf_v[:, :, s:s + p.length].copy_(p.v)
+            s += p.length
+        return cls(buf_k[:, :, :n], buf_v[:, :, :n], buf_k, buf_v)
 
-        def join(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-            if a is None or b is None:
-                return None
-            return torch.cat([a, b], dim=2)
+    def extended(self, own: "LayerKV") -> "LayerKV":
+        """Keys/values of self followed by ``own``: written into self's buffer when it has room, else concatenated.
 
-        return LayerKV(join(self.k, other.k), join(self.v, other.v),
-                       join(self.k_prope, other.k_prope), join(self.v_prope, other.v_prope))
+        Without room (and without autograd) self is re-buffered with room for ``own``, so the next
+        call with the same length writes in place.
+        """
+        n, m = self.length, own.length
+        if not _writable(self.k, self.v, own.k, own.v):
+            return LayerKV(torch.cat([self.k, own.k], dim=2), torch.cat([self.v, own.v], dim=2))
+        if self.buf_k is None or self.buf_k.shape[2] < n + m:
+            grown = LayerKV.joined([LayerKV(self.k, self.v)], room=m)
+            self.k, self.v, self.buf_k, self.buf_v = grown.k, grown.v, grown.buf_k, grown.buf_v
+        self.buf_k[:, :, n:n + m].copy_(own.k)
+        self.buf_v[:, :, n:n + m].copy_(own.v)
+        return LayerKV(self.buf_k[:, :, :n + m], self.buf_v[:, :, :n + m])
 
 
 class KVCache:
@@ -59,6 +97,7 @@ class KVCache:
         self.context_frames = 0  # latent frames in the cached context
         self.tokens_per_frame = 0
         self.context_t_pos: Tensor | None = None  # [B, Tc] temporal positions given to the context
+        self.room = 0  # tokens of the longest chunk attended with this cache: buffers keep room for them
         self._specs: dict = {}  # mask layouts of the current chunk, valid until the cache changes
 
     # ---- state ---------------------------------------------------------------------------

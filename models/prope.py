@@ -48,17 +48,21 @@ def identity_cameras(batch: int, frames: int, device: torch.device) -> tuple[Ten
 def transform_groups(x: Tensor, M: Tensor, tokens_per_frame: int, transpose: bool = False) -> Tensor:
     """Multiply every 4-channel group of every token by its frame's matrix.
 
-    x: [B, H, T*N, D] (tokens ordered by frame, N = tokens_per_frame, D % 4 == 0);
+    x: token-major [B, T*N, H, D] (tokens ordered by frame, N = tokens_per_frame, D % 4 == 0);
     M: [B, T, 4, 4]. Returns M @ x_g (or M^T @ x_g when ``transpose``) per group, in fp32 then cast
-    back to x.dtype. One batched einsum, no loops over tokens or frames.
+    back to x.dtype. Written as four broadcast multiply-adds rather than a batched matmul: 4x4 products
+    are memory-bound, and in this form ``torch.compile`` fuses them with the ops around them
+    (models/fused.py) instead of running an fp32 GEMM.
     """
-    B, H, S, D = x.shape
+    B, S, H, D = x.shape
     T = M.shape[1]
     if M.shape[0] != B or M.shape[-2:] != (4, 4) or S != T * tokens_per_frame or D % 4:
         raise ValueError(f"PRoPE: x {tuple(x.shape)} does not match matrices {tuple(M.shape)} "
                          f"with {tokens_per_frame} tokens per frame (head_dim must be a multiple of 4)")
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        xg = x.float().reshape(B, H, T, tokens_per_frame, D // 4, 4)
-        eq = "btji,bhtngj->bhtngi" if transpose else "btij,bhtngj->bhtngi"
-        out = torch.einsum(eq, M.float(), xg)
-    return out.reshape(B, H, S, D).to(x.dtype)
+    xg = x.float().reshape(B, T, tokens_per_frame, H, D // 4, 4)
+    Mf = M.float().transpose(-1, -2) if transpose else M.float()
+    cols = Mf[:, :, None, None, None]  # [B, T, 1, 1, 1, 4 rows, 4 cols]
+    out = cols[..., 0] * xg[..., 0:1]
+    for j in range(1, 4):
+        out = out + cols[..., j] * xg[..., j:j + 1]
+    return out.reshape(B, S, H, D).to(x.dtype)

@@ -48,15 +48,20 @@ def rope_angles(t_pos: Tensor, height: int, width: int, dims: list[int], theta: 
 
 
 def rope_tables(t_pos: Tensor, height: int, width: int, dims: list[int], theta: float) -> tuple[Tensor, Tensor]:
-    """(cos, sin), each [B, 1, S, head_dim // 2] float32, ready for :func:`apply_rope` on [B, H, S, D]."""
-    ang = rope_angles(t_pos, height, width, dims, theta)[:, None]
+    """(cos, sin), each [B, S, 1, head_dim // 2] float32, ready for :func:`apply_rope` on token-major [B, S, H, D]."""
+    ang = rope_angles(t_pos, height, width, dims, theta)[:, :, None]
     return ang.cos().float(), ang.sin().float()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate channel pairs of x [B, H, S, D] by the tables [B, 1, S, D/2]; computed in fp32, returned in x.dtype."""
-    if x.shape[-1] != 2 * cos.shape[-1] or x.shape[-2] != cos.shape[-2]:
-        raise ValueError(f"apply_rope: x {tuple(x.shape)} does not match tables {tuple(cos.shape)}")
+    """Rotate channel pairs of x [..., D] by tables broadcastable to [..., D/2] (x token-major [B, S, H, D] with
+    tables [B, S, 1, D/2]); computed in fp32, returned in x.dtype."""
+    if x.shape[-1] != 2 * cos.shape[-1] or cos.shape != sin.shape:
+        raise ValueError(f"apply_rope: x {tuple(x.shape)} does not match tables {tuple(cos.shape)} / {tuple(sin.shape)}")
+    try:
+        torch.broadcast_shapes(x.shape[:-1], cos.shape[:-1])
+    except RuntimeError:
+        raise ValueError(f"apply_rope: x {tuple(x.shape)} does not broadcast with tables {tuple(cos.shape)}") from None
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)

@@ -166,9 +166,12 @@ def test_gpu_backends_bf16_forward_backward(name, spec):
                         None if spec.k_valid is None else spec.k_valid.to(dev),
                         None if spec.q_valid is None else spec.q_valid.to(dev))
     grads = {}
-    for backend in ("masked", "sdpa", "flex") + (("flash",) if flash_available() and not spec.padded else ()):
+    for backend in ("masked", "sdpa", "cudnn", "cudnn-token-major", "flex") + (
+            ("flash",) if flash_available() and not spec.padded else ()):
         qq, kk, vv = (t.to(dev, torch.bfloat16).requires_grad_(True) for t in (q, k, v))
-        out = attention(qq, kk, vv, spec_gpu, backend)
+        if backend == "cudnn-token-major":  # the model's layout: [B, S, H, D] memory seen as [B, H, S, D]
+            qq, kk, vv = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True) for t in (qq, kk, vv))
+        out = attention(qq, kk, vv, spec_gpu, backend.split("-")[0])
         torch.testing.assert_close(out.float().cpu(), ref, atol=3e-2, rtol=3e-2)
         (out.float() ** 2).sum().backward()
         grads[backend] = [t.grad.float().cpu() for t in (qq, kk, vv)]

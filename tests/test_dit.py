@@ -131,6 +131,36 @@ def test_cache_equals_block_causal_forward(camera, text):
     assert torch.equal(before[0], cache.layers[0].k) and torch.equal(before[1], cache.layers[-1].v)
 
 
+def test_cached_steps_write_into_the_context_buffer():
+    """After one step the cache knows the chunk length: later context fills leave room for it, and steps
+    write their own keys/values there instead of concatenating the prefix (same answers, no new buffer)."""
+    model = make()
+    inp = inputs(T=6)
+    full = run(model, inp, chunk_size=2)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model.fill_text_cache(cache, inp["text"], inp["text_mask"])
+        first = frames(inp, slice(0, 2))
+        model(first.pop("x"), first.pop("sigma"), **first, chunk_size=2, cache=cache)
+        n_tok = H * W
+        assert cache.room == 2 * n_tok
+        model.fill_context_cache(cache, **frames(inp, slice(0, 4)), chunk_size=2, causal=True)
+        buf = cache.layers[0].buf_k
+        assert buf.shape[2] == cache.text_len + 6 * n_tok and cache.layers[0].length == cache.text_len + 4 * n_tok
+        ptr = buf.data_ptr()
+        for _ in range(2):
+            chunk = frames(inp, slice(4, 6))
+            out = model(chunk.pop("x"), chunk.pop("sigma"), **chunk, chunk_size=2, cache=cache)
+            torch.testing.assert_close(out, full[:, :, 4:6], atol=1e-5, rtol=1e-5)
+            assert cache.layers[0].buf_k.data_ptr() == ptr
+    # with autograd the step concatenates (an in-place write would cut the graph) and leaves the buffer alone
+    chunk = frames(inp, slice(4, 6))
+    x = chunk.pop("x").requires_grad_(True)
+    out = model(x, chunk.pop("sigma"), **chunk, chunk_size=2, cache=cache)
+    out.square().sum().backward()
+    assert x.grad is not None and cache.layers[0].buf_k.data_ptr() == ptr
+
+
 def test_bidirectional_context_cache_equals_two_chunk_forward():
     """fill_context_cache(causal=False): full attention inside the context, the chunk sees all of it."""
     model = make()
@@ -320,7 +350,7 @@ def test_gpu_backends_cache_and_bf16():
     dev = torch.device("cuda")
     inp = {k: v.to(dev) for k, v in inputs(T=6).items()}
     ref = None
-    for backend in ("masked", "sdpa", "flex"):
+    for backend in ("masked", "sdpa", "cudnn", "flex"):
         model = make(attn_backend=backend).to(dev)
         out = run(model, inp, chunk_size=2)
         ref = out if ref is None else ref
@@ -338,3 +368,33 @@ def test_gpu_backends_cache_and_bf16():
             y = model(inp["x"], inp["sigma"], **rest, chunk_size=2)
         (y.float() ** 2).mean().backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fused_chains_match_eager():
+    """torch.compile'd elementwise chains (fuse=True) compute what the eager ops do: outputs, cached steps, grads."""
+    dev = torch.device("cuda")
+    inp = {k: v.to(dev) for k, v in inputs(T=6).items()}
+    rest = {k: v for k, v in inp.items() if k not in ("x", "sigma", "text_mask")}
+    outs, steps, grads = {}, {}, {}
+    for fuse in (False, True):
+        model = make(fuse=fuse, attn_backend="cudnn").to(dev)
+        outs[fuse] = run(model, inp, chunk_size=2)
+        cache = model.new_cache()
+        with torch.no_grad():
+            model.fill_text_cache(cache, inp["text"], inp["text_mask"])
+            for _ in range(2):  # the second fill reuses the room the first step left in the buffers
+                model.fill_context_cache(cache, **frames(inp, slice(0, 4)), chunk_size=2)
+                chunk = frames(inp, slice(4, 6))
+                steps[fuse] = model(chunk.pop("x"), chunk.pop("sigma"), **chunk, chunk_size=2, cache=cache)
+        model.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = model(inp["x"], inp["sigma"], **rest, chunk_size=2)
+        (y.float() ** 2).mean().backward()
+        grads[fuse] = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(outs[True], outs[False], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(steps[True], steps[False], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(steps[True], outs[True][:, :, 4:], atol=1e-4, rtol=1e-4)
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, atol=2e-2, rtol=5e-2)
