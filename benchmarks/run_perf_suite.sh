@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements in one command, within a time budget, on one H100:
-#   bash benchmarks/run_perf_suite.sh OUTDIR
+#   bash benchmarks/run_perf_suite.sh OUTDIR [SECTION ...]     (default: every section)
 # Sections, in priority order (each writes OUTDIR/<name>.json and .md, row by row, so a section cut
 # short keeps the rows it finished):
-#   train_step        base, then small: full training (fp32 master weights, bf16 autocast, fused AdamW)
-#   rollout           base: 4-step distilled chunk breakdown, one 50-step CFG chunk, HunyuanVideo-1.5 VAE decode
+#   train_step        base, then small: full training (fp32 master weights, bf16 autocast, fused AdamW),
+#                     with a kernel-time profile of one step
+#   rollout           base: 4-step distilled chunk breakdown (+ profile), one 50-step CFG chunk,
+#                     HunyuanVideo-1.5 VAE decode
 #   train_step_hy15   hy15 with LoRA, frozen bf16 base, activation checkpointing (does it fit 80 GB?)
 #   peer              diffusers HunyuanVideo15Transformer3DModel at the base shape vs WorldDiT, fwd and fwd+bwd
+#   attention         the attention kernels alone on base's layouts, per backend
 # Then OUTDIR/results.md (all tables), OUTDIR/suite.json (per-section status and seconds) and a
 # short summary printed last.
 #
-# Environment knobs: BUDGET_S (default 270: total seconds for all sections; a section gets at most
+# Environment knobs: BUDGET_S (default 600: total seconds for all sections; a section gets at most
 # what is left, a section with under 30 s left is skipped and listed as such), PYTHON (default
 # python3), PERF_TINY=1 (tiny CPU shapes: checks the script itself on a machine without a GPU).
 # On the GPU machine diffusers and omegaconf come from ../shared/gpu/wheels.sh: send .whl/ with the
 # checkout; it is installed to /tmp/site here when they are not importable.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/run_perf_suite.sh OUTDIR}
+out=${1:?usage: bash benchmarks/run_perf_suite.sh OUTDIR [SECTION ...]}
+shift
+only=("$@")
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 PY=${PYTHON:-python3}
-BUDGET_S=${BUDGET_S:-270}
+BUDGET_S=${BUDGET_S:-600}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # base training runs near 80 GB
 
@@ -41,13 +46,15 @@ if [[ ${PERF_TINY:-0} == 1 ]]; then
     "rollout|120|-m benchmarks.rollout --preset tiny --height 4 --width 6 --text 8 --warmup 1 --reps 2 --guided-steps 3 --decode-reps 2 ${shape[*]}"
     "train_step_hy15|120|-m benchmarks.train_step ${train[*]} --lora --grad-ckpt"
     "peer|120|-m benchmarks.peer_diffusers --preset tiny --latents 4 --height 4 --width 6 --text 8 --warmup 1 --steps 2 --layouts peer trained ${shape[*]}"
+    "attention|120|-m benchmarks.attention_kernels --preset tiny --height 4 --width 6 --text 8 --latents 8 --context 4 --warmup 1 --reps 2 --backend sdpa cudnn ${shape[*]}"
   )
 else
   sections=(
-    "train_step|110|-m benchmarks.train_step --preset base small --warmup 2 --steps 8 --ckpt-on-oom"
-    "rollout|65|-m benchmarks.rollout --preset base --warmup 2 --reps 6 --guided-steps 50 --guided-reps 1 --decode-reps 3"
-    "train_step_hy15|100|-m benchmarks.train_step --preset hy15 --lora --grad-ckpt --warmup 1 --steps 2"
-    "peer|90|-m benchmarks.peer_diffusers --preset base --warmup 1 --steps 3 --layouts peer trained --ckpt-on-oom"
+    "train_step|200|-m benchmarks.train_step --preset base small --warmup 2 --steps 8 --ckpt-on-oom --profile"
+    "rollout|130|-m benchmarks.rollout --preset base --warmup 2 --reps 6 --guided-steps 50 --guided-reps 1 --decode-reps 3 --profile"
+    "train_step_hy15|170|-m benchmarks.train_step --preset hy15 --lora --grad-ckpt --warmup 1 --steps 3"
+    "peer|150|-m benchmarks.peer_diffusers --preset base --warmup 1 --steps 3 --layouts peer trained --ckpt-on-oom"
+    "attention|120|-m benchmarks.attention_kernels --preset base --backend flex sdpa cudnn --branches fused --warmup 2 --reps 6"
   )
 fi
 
@@ -55,6 +62,9 @@ start=$(date +%s)
 status=()
 for s in "${sections[@]}"; do
   IFS='|' read -r name cap cmd <<<"$s"
+  if ((${#only[@]})) && [[ ! " ${only[*]} " == *" $name "* ]]; then
+    continue
+  fi
   left=$((BUDGET_S - ($(date +%s) - start)))
   limit=$((cap < left ? cap : left))
   if ((limit < 30)); then

@@ -16,25 +16,25 @@ Backends and where they run:
 ``sdpa``    ``F.scaled_dot_product_attention`` without a mask: the block-causal mask is executed as
             one dense call per query chunk over its key *prefix* (keys are laid out in chunk order),
             so no work is wasted. On CUDA, calls without autograd (inference, cached steps) give the
-            cuDNN kernel priority (measured ~650 TFLOP/s vs ~350 for flash on H100); calls that need
-            gradients use flash / memory-efficient, because cuDNN's backward failed on this layout
-            (see ``_sdpa_gpu_priority``). Key padding becomes a boolean mask (which excludes the
-            cuDNN/flash kernels). CPU and GPU.
-``cudnn``   Like ``sdpa``, with the cuDNN kernel first for the backward too. Each prefix call gets dense
-            q/k/v (free for the model's token-major one-sample tensors, a copy otherwise) and an
-            output gradient with the output's strides, the layouts cuDNN's backward handles. On CPU it
-            is ``sdpa``.
+            cuDNN kernel priority; calls that need gradients use flash / memory-efficient. Key
+            padding becomes a boolean mask (which excludes the cuDNN/flash kernels). CPU and GPU.
+``cudnn``   The same prefix calls with cuDNN forward *and* backward. With autograd on CUDA (half
+            precision, no padding) it calls cuDNN's kernels directly (``_CudnnPrefixAttention``):
+            dense q/k/v per prefix (free for the model's token-major one-sample tensors, a copy
+            otherwise) and one key/value gradient buffer for all prefixes. cuDNN's backward faulted
+            on the non-dense prefix views that head-major tensors give (``mha_graph.execute`` /
+            illegal address, torch 2.11 + cuDNN 9.19). On CPU it is ``sdpa``.
 ``flex``    ``flex_attention`` with a ``BlockMask`` built once per spec (and reused by every layer
             and every step that shares the spec). Compiled on CUDA; on CPU it runs unfused (eager),
             forward only (torch has no flex backward on CPU): the tests use it as a cross-check.
 ``flash``   ``flash_attn.flash_attn_func`` over key prefixes, when the package is importable
             (bf16/fp16 only, no key padding). GPU.
 ``masked``  SDPA with a dense boolean mask [B, 1, Sq, Sk]. Reference-grade; CPU default.
-``auto``    CUDA: ``flex`` when gradients are needed or keys are padded, else ``sdpa`` (cuDNN).
-            Measured on H100 (benchmarks/dit_step.py), ``base``, 24 latents x 30x52 + 256 text, chunks
-            of 4, bf16 fwd+bwd: flex 1.90-2.14 s/step vs sdpa (flash over prefixes) 2.30 s; ``hy15``
-            bf16 inference, 20-latent context + 4-latent chunk: sdpa (cuDNN) 2.66 s context fill and
-            0.62 s cached step vs flex 3.38 s and 0.92 s. CPU: ``masked``.
+``auto``    CUDA: ``cudnn`` with autograd, ``sdpa`` (cuDNN forward) without, ``flex`` when keys are
+            padded. CPU: ``masked``. Measured on H100 with ``base``'s layouts (24 latents x 30x52
+            tokens + 256 text, chunks of 4, RoPE and PRoPE heads in one call; benchmarks/RESULTS.md,
+            ``python -m benchmarks.attention_kernels``): fwd+bwd cudnn 427 TFLOP/s, flex 324,
+            flash 262; cached step cuDNN 643 vs flex 389; context pass 587 vs 391.
 ==========  =====================================================================================
 """
 
@@ -253,7 +253,9 @@ def resolve_backend(backend: str, device: torch.device, spec: MaskSpec, needs_gr
     if backend != "auto":
         return backend
     if device.type == "cuda":
-        return "flex" if (spec.padded or needs_grad) else "sdpa"
+        if spec.padded:
+            return "flex"
+        return "cudnn" if needs_grad else "sdpa"
     return "masked"
 
 
@@ -282,6 +284,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, backend: str = "a
         return F.scaled_dot_product_attention(q, k, v, attn_mask=spec.dense(q.device))
     if name == "flash":
         return _flash_prefix(q, k, v, spec, plan)
+    if name == "cudnn" and needs_grad and _cudnn_direct(q, spec):
+        return _CudnnPrefixAttention.apply(q, k, v, plan)
     if name in ("sdpa", "cudnn"):
         return _sdpa_prefix(q, k, v, spec, plan, needs_grad, packed=name == "cudnn")
     raise AssertionError(name)
@@ -311,6 +315,57 @@ class _DenseGrad(torch.autograd.Function):
         if grad.stride() == ctx.stride:
             return grad
         return torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
+def _like(t: Tensor, ref: Tensor) -> Tensor:
+    """t with ref's strides (a copy only when they differ)."""
+    if t.stride() == ref.stride():
+        return t
+    return torch.empty_strided(ref.shape, ref.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
+class _CudnnPrefixAttention(torch.autograd.Function):
+    """Block-causal attention on CUDA as one cuDNN call per key prefix, forward and backward.
+
+    The backward runs cuDNN's backward per prefix and adds each call's key/value gradients into one
+    buffer. Through autograd instead, each prefix's slice backward zero-fills and adds a full-length
+    gradient: a tenth of a ``base`` training step (benchmarks/RESULTS.md). q/k/v [B, H, S, D] half
+    precision, no padding; the output has q's memory layout.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: list) -> Tensor:  # noqa: ANN001
+        out = torch.empty_like(q)
+        lses, aux = [], []
+        for q0, q1, k1 in plan:
+            o, lse, cq, ck, mq, mk, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                _dense(q[:, :, q0:q1]), _dense(k[:, :, :k1]), _dense(v[:, :, :k1]), None, True, 0.0, False, False)
+            out[:, :, q0:q1].copy_(o)
+            lses.append(lse)
+            aux.append((cq, ck, mq, mk, seed, offset))
+        ctx.save_for_backward(q, k, v, out, *lses)
+        ctx.plan, ctx.aux = plan, aux
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001
+        q, k, v, out, *lses = ctx.saved_tensors
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for (q0, q1, k1), lse, (cq, ck, mq, mk, seed, offset) in zip(ctx.plan, lses, ctx.aux):
+            o = _dense(out[:, :, q0:q1])
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                _like(grad[:, :, q0:q1], o), _dense(q[:, :, q0:q1]), _dense(k[:, :, :k1]), _dense(v[:, :, :k1]), o, lse,
+                seed, offset, None, cq, ck, mq, mk, 0.0, False)
+            dq[:, :, q0:q1].copy_(gq)
+            dk[:, :, :k1].add_(gk)
+            dv[:, :, :k1].add_(gv)
+        return dq, dk, dv, None
+
+
+def _cudnn_direct(q: Tensor, spec: MaskSpec) -> bool:
+    """Whether the cuDNN kernels can be called directly: CUDA, half precision, no padding, a supported head size."""
+    D = q.shape[-1]
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not spec.padded and D % 8 == 0 and D <= 128
 
 
 def _sdpa_prefix(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, plan: list[tuple[int, int, int]],

@@ -9,7 +9,7 @@ import torch
 
 from models.attention import MaskSpec, attention, flash_available, resolve_backend
 
-CPU_BACKENDS = ["masked", "sdpa", "flex"]
+CPU_BACKENDS = ["masked", "sdpa", "cudnn", "flex"]
 # flex_attention runs unfused (eager) on CPU and warns about it; that is the point here.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -137,7 +137,7 @@ def test_errors_and_auto_resolution():
         MaskSpec.full(4, 6, k_valid=torch.ones(1, 5, dtype=torch.bool))
     assert resolve_backend("auto", torch.device("cpu"), spec) == "masked"
     assert resolve_backend("auto", torch.device("cuda"), spec) == "sdpa"
-    assert resolve_backend("auto", torch.device("cuda"), spec, needs_grad=True) == "flex"
+    assert resolve_backend("auto", torch.device("cuda"), spec, needs_grad=True) == "cudnn"
     padded = MaskSpec.full(4, 6, k_valid=torch.ones(1, 6, dtype=torch.bool))
     assert resolve_backend("auto", torch.device("cuda"), padded) == "flex"
     if not flash_available():
