@@ -31,7 +31,7 @@ def categorize(name: str) -> str:
     return "other"
 
 
-def profile_kernels(fn: Callable[[], Any], device: torch.device, top: int = 15) -> dict[str, Any]:
+def profile_kernels(fn: Callable[[], Any], device: torch.device, top: int = 25) -> dict[str, Any]:
     """Run ``fn()`` once under the profiler; {"total_ms", "categories": {cat: ms}, "top": [(name, ms, calls)]}.
 
     On CPU the CPU op times are used (there are no kernels).

@@ -350,7 +350,8 @@ class _CudnnPrefixAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: ANN001
         q, k, v, out, *lses = ctx.saved_tensors
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        # key/value gradients sum over prefixes: accumulate in fp32, cast once
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
         for (q0, q1, k1), lse, (cq, ck, mq, mk, seed, offset) in zip(ctx.plan, lses, ctx.aux):
             o = _dense(out[:, :, q0:q1])
             gq, gk, gv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
@@ -359,7 +360,7 @@ class _CudnnPrefixAttention(torch.autograd.Function):
             dq[:, :, q0:q1].copy_(gq)
             dk[:, :, :k1].add_(gk)
             dv[:, :, :k1].add_(gv)
-        return dq, dk, dv, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None
 
 
 def _cudnn_direct(q: Tensor, spec: MaskSpec) -> bool:
