@@ -95,6 +95,11 @@ class FrameLayout:
     fuse: bool = False  # run the elementwise chains through torch.compile on CUDA (models/fused.py)
 
 
+def _cat_heads(a: Tensor, b: Tensor) -> Tensor:
+    """[B, H, S, D] x 2 -> [B, 2H, S, D] in token-major memory, like the video's keys."""
+    return torch.cat([a.transpose(1, 2), b.transpose(1, 2)], dim=2).transpose(1, 2)
+
+
 class DoubleStreamBlock(nn.Module):
     """MM-DiT block: separate text / video weights, joint attention, optional PRoPE heads."""
 
@@ -138,7 +143,7 @@ class DoubleStreamBlock(nn.Module):
             m = self.txt.modulation(txt_vec[:, None])
             tq, tk, tv = self.txt.qkv_heads(txt, m[0], m[1], layout, 1, positions=False)
             # video queries see the text keys in both branches: the PRoPE heads get them untransformed
-            prefix = LayerKV(torch.cat([tk, tk], 1), torch.cat([tv, tv], 1)) if camera else LayerKV(tk, tv)
+            prefix = LayerKV(_cat_heads(tk, tk), _cat_heads(tv, tv)) if camera else LayerKV(tk, tv)
             if want_txt:
                 o, _ = attention_outputs(attention(tq, tk, tv, layout.text_spec, layout.backend), None, 1, fuse=fuse)
                 txt = gated_residual(txt, self.txt.proj(o), m[2], 1, fuse=fuse)

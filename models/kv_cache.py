@@ -37,6 +37,11 @@ def _writable(*ts: Tensor) -> bool:
     return torch.is_inference_mode_enabled() or not any(t.is_inference() for t in ts)
 
 
+def _cat_tokens(ts: list[Tensor]) -> Tensor:
+    """[B, H, S_i, D] tensors joined along the tokens into token-major memory (dense key prefixes)."""
+    return torch.cat([t.transpose(1, 2) for t in ts], dim=1).transpose(1, 2)
+
+
 @dataclass(eq=False)
 class LayerKV:
     """Keys/values of one block, each [B, heads, S, head_dim] (views of ``buf_k``/``buf_v`` when buffered)."""
@@ -57,7 +62,7 @@ class LayerKV:
         if room <= 0 or not _writable(*(t for p in parts for t in (p.k, p.v))):
             if len(parts) == 1:
                 return parts[0]
-            return cls(torch.cat([p.k for p in parts], dim=2), torch.cat([p.v for p in parts], dim=2))
+            return cls(_cat_tokens([p.k for p in parts]), _cat_tokens([p.v for p in parts]))
         n = sum(p.length for p in parts)
         k0 = parts[0].k
         shape = (k0.shape[0], n + room, k0.shape[1], k0.shape[3])  # token-major, like the block's own keys
@@ -77,7 +82,7 @@ class LayerKV:
         """
         n, m = self.length, own.length
         if not _writable(self.k, self.v, own.k, own.v):
-            return LayerKV(torch.cat([self.k, own.k], dim=2), torch.cat([self.v, own.v], dim=2))
+            return LayerKV(_cat_tokens([self.k, own.k]), _cat_tokens([self.v, own.v]))
         if self.buf_k is None or self.buf_k.shape[2] < n + m:
             grown = LayerKV.joined([LayerKV(self.k, self.v)], room=m)
             self.k, self.v, self.buf_k, self.buf_v = grown.k, grown.v, grown.buf_k, grown.buf_v

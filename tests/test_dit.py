@@ -161,6 +161,22 @@ def test_cached_steps_write_into_the_context_buffer():
     assert x.grad is not None and cache.layers[0].buf_k.data_ptr() == ptr
 
 
+def test_joined_keys_are_token_major_so_prefixes_are_dense():
+    """Keys joined with autograd (text prefix + own keys in training) land in token-major memory: every key
+    prefix of a one-sample batch is then dense, which the cuDNN backend needs without a copy."""
+    from models.kv_cache import LayerKV
+
+    g = torch.Generator().manual_seed(0)
+    text = LayerKV(*(torch.randn(1, 4, 3, 8, generator=g).requires_grad_() for _ in range(2)))
+    own = LayerKV(*(torch.randn(1, 5, 4, 8, generator=g).transpose(1, 2).requires_grad_() for _ in range(2)))
+    keys = text.extended(own)
+    assert torch.equal(keys.k, torch.cat([text.k, own.k], dim=2)) and torch.equal(keys.v, torch.cat([text.v, own.v], dim=2))
+    for n in (3, 6, 8):
+        assert keys.k[:, :, :n].transpose(1, 2).is_contiguous()
+    keys.k.sum().backward()
+    assert text.k.grad is not None and own.k.grad is not None
+
+
 def test_bidirectional_context_cache_equals_two_chunk_forward():
     """fill_context_cache(causal=False): full attention inside the context, the chunk sees all of it."""
     model = make()
