@@ -18,6 +18,7 @@ __all__ = ["CATEGORIES", "categorize", "profile_kernels", "format_profile"]
 CATEGORIES: list[tuple[str, str]] = [
     ("attention", r"flash|fmha|attention|attn|sdpa|cudnn_generated|triton_tem_fused|flex"),
     ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|sm90_|sm80_|matmul|bmm"),
+    ("compiled chains", r"^triton_(poi|red|per)_"),  # models/fused.py under torch.compile
     ("copy / cat", r"copy|cat|CatArray|memcpy|memset|fill"),
     ("norm / elementwise", r"elementwise|vectorized|reduce|norm|triton_poi|triton_red|triton_per|unrolled|silu|gelu|rsqrt"),
 ]

@@ -33,7 +33,7 @@ class WorldDiTConfig:
     num_actions: int = 81
     qk_norm: bool = True  # RMSNorm on q and k per head
     qkv_bias: bool = True
-    attn_backend: str = "auto"  # auto | sdpa | flex | flash | masked (models/attention.py)
+    attn_backend: str = "auto"  # auto | sdpa | cudnn | flex | flash | masked (models/attention.py)
     grad_checkpointing: bool = False  # torch.utils.checkpoint (non-reentrant) around each block when training
     fuse: bool = True  # torch.compile the blocks' elementwise chains on CUDA (models/fused.py); eager on CPU
 
