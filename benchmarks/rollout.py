@@ -1,9 +1,11 @@
 """Per-chunk latency of the rollout sampler with memory, broken down by phase, and frames/s.
 
 The steady state of autoregressive generation at the 480p-like shape: a history longer than the
-context window, then one new chunk of 4 latents per repetition (``Rollout.step(..., commit=False)``,
-so every repetition sees the same history), with a reconstituted context of 20 latents (12 recent +
-the anchor chunk + 1 retrieved chunk) re-encoded into the KV cache for every chunk, 256 text tokens.
+context window, then one new chunk of 4 latents per repetition along a camera walk (each chunk is
+committed, so the history grows as in a game), with a reconstituted context of 20 latents (12
+recent + the anchor chunk + 1 retrieved chunk) put into the KV cache for every chunk: the leading
+chunks unchanged since the previous chunk are kept (``RolloutConfig.reuse_context``; the anchor
+always, the retrieved chunk when the walk keeps it), the rest re-encoded; 256 text tokens.
 
     python -m benchmarks.rollout                                       # base: 4-step distilled, then 50-step CFG
     python -m benchmarks.rollout --settings distilled --autoencoder patch   # DiT only, no VAE
@@ -106,8 +108,8 @@ class PhaseHooks:
         if fill is None:
             self.calls += 1
             self.timer.mark(self.step_label(self.calls))
-        else:
-            self.timer.mark(fill)
+        else:  # "extend": a context fill that kept the leading chunks of the previous one
+            self.timer.mark("context" if fill == "extend" else fill)
 
     def remove(self) -> None:
         for h in self._handles:
@@ -129,11 +131,12 @@ def build_autoencoder_for_bench(kind: str, device: torch.device, dtype: torch.dt
     return build_autoencoder(AutoencoderConfig(kind="patch", patch_size=p, temporal_patch=4)).to(device)
 
 
-def _history(rollout: Rollout, *, batch: int, channels: int, h: int, w: int, history: int, chunk: int, text: Tensor | None,
-             num_actions: int, device: torch.device):
-    """A rollout state holding ``history`` random clean latents along a camera walk, and the next chunk's conditioning."""
+def _history(rollout: Rollout, *, batch: int, channels: int, h: int, w: int, history: int, chunk: int, chunks: int,
+             text: Tensor | None, num_actions: int, device: torch.device):
+    """A rollout state holding ``history`` random clean latents along a camera walk, and the conditioning
+    (actions, w2c, K; each [B, chunks * chunk, ...]) of the walk's next ``chunks`` chunks."""
     g = torch.Generator().manual_seed(0)
-    n = history + chunk
+    n = history + chunks * chunk
     c2w = camera_walk(batch, n, g)
     w2c, K = invert_rigid(c2w), normalized_K(batch, n, h * 16, w * 16)
     actions = torch.randint(0, num_actions, (batch, n), generator=g)
@@ -185,20 +188,29 @@ def main(argv: list[str] | None = None) -> Report:
                              schedule="euler" if guided else "distilled", steps=a.guided_steps if guided else 4,
                              guidance=a.guidance if guided else 1.0)
         rollout = Rollout(model, rcfg)
-        state, (actions, w2c, K) = _history(rollout, batch=1, channels=cfg.latent_channels, h=a.height, w=a.width,
-                                            history=history, chunk=a.chunk, text=text,
-                                            num_actions=cfg.num_actions, device=device)
+        n_chunks = (2 + a.guided_reps if guided else a.warmup + a.reps) + (2 if a.profile else 0)
+        state, walk = _history(rollout, batch=1, channels=cfg.latent_channels, h=a.height, w=a.width,
+                               history=history, chunk=a.chunk, chunks=n_chunks, text=text,
+                               num_actions=cfg.num_actions, device=device)
         hooks = PhaseHooks(model, (lambda k: "denoise") if guided else (lambda k: f"step {k}"))
         records = []
 
+        used = [0]  # chunks of the walk consumed so far
+
+        def next_chunk() -> tuple[Tensor, Tensor, Tensor]:
+            s = slice(used[0] * a.chunk, (used[0] + 1) * a.chunk)
+            used[0] += 1
+            return walk[0][:, s], walk[1][:, s], walk[2][:, s]
+
         def chunk(timer: EventTimer) -> None:
             hooks.start(timer)
-            records.append(rollout.step(state, actions, w2c, K, generator, commit=False))
+            records.append(rollout.step(state, *next_chunk(), generator))  # commits: the walk goes on
             hooks.timer = None  # the time after the last model call is the sampler's too (rest_name)
 
         with torch.inference_mode():
-            if guided:  # warm the second branch's cache and kernels on a short chunk
-                rollout.step(state, actions, w2c, K, generator, commit=False, exit_step=1)
+            if guided:  # warm both branches' caches and kernels on two short chunks (a full and a reusing fill)
+                for _ in range(2):
+                    rollout.step(state, *next_chunk(), generator, exit_step=1)
             reset_peak_memory(device)
             times, phases = time_calls(chunk, warmup=0 if guided else a.warmup, reps=a.guided_reps if guided else a.reps,
                                        device=device, rest_name="sampler")
@@ -219,14 +231,20 @@ def main(argv: list[str] | None = None) -> Report:
         uncond_flops = worlddit_flops(cfg, batch=1, frames=a.chunk, height=a.height, width=a.width, text=0,
                                       chunk=a.chunk, context=M, cached=True).forward
         note = "" if M == a.context else f"context held {M} latents, not {a.context}"
+        timed = records[-len(times):]
+        if "context" in phases:  # a chunk whose whole context was kept made no context call: 0 ms
+            phases["context"] += [0.0] * (len(times) - len(phases["context"]))
+        reused = [r.context_reused for r in timed]
+        reuse_note = f"context latents kept from the previous chunk: {reused}"
         steps = sorted((k for k in phases if k.startswith("step")), key=lambda k: int(k.split()[1]))
         order = ["context", "text", *steps, "denoise", "sampler"]
         for name in [k for k in order if k in phases]:
             secs = phases[name]
             med = summarize(secs)["median"]
             row: dict[str, Any] = {"setting": label, "phase": name, "median_ms": med * 1e3, "times_s": secs, "context_latents": M}
-            if name == "context":
-                row.update(calls=branches, tflops=ctx_flops / med / 1e12, phase=f"context pass ({M} latents)")
+            if name == "context":  # TFLOP/s of a full re-encode (kept chunks make the pass shorter than that)
+                row.update(calls=branches, tflops=ctx_flops / med / 1e12, phase=f"context pass ({M} latents)",
+                           note=reuse_note, context_reused=reused)
             elif name == "denoise":
                 calls = 2 * rollout.num_steps
                 per_call = (step_flops + uncond_flops) / 2

@@ -249,12 +249,13 @@ class WorldDiT(nn.Module):
         text_mask [B, L] bool; image_latent [B, C, H, W] placed where cond_mask [B, T] is set;
         chunk_size None = bidirectional, else block-causal over chunks of that many latents;
         cache: attend to cached text/context keys/values (the cache is not modified).
-        ``fill`` ("text" | "context", with ``causal``) is internal: use fill_text_cache / fill_context_cache.
+        ``fill`` ("text" | "context" | "extend", with ``causal``) is internal: use fill_text_cache / fill_context_cache.
         """
         if fill == "text":
             return self._fill_text(cache, text, text_mask)
-        if fill not in (None, "context"):
-            raise ValueError(f"WorldDiT: fill must be None, 'text' or 'context', got {fill!r}")
+        if fill not in (None, "context", "extend"):
+            raise ValueError(f"WorldDiT: fill must be None, 'text', 'context' or 'extend', got {fill!r}")
+        filling = fill in ("context", "extend")
         if x is None or sigma is None:
             raise ValueError("WorldDiT: x and sigma are required")
         if chunk_size is not None and chunk_size < 1:
@@ -304,7 +305,7 @@ class WorldDiT(nn.Module):
                 raise ValueError("WorldDiT.fill_context_cache: causal=True needs chunk_size")
             own = _chunk_segments(T, N, chunk_size if causal else None)
             spec = self._video_spec(text_len, tmask, [], own, causal, None)
-        elif cache is not None:  # keys [text ; context (chunk 0) ; own chunks 1..]
+        elif cache is not None:  # keys [text ; context (chunk 0) ; own chunks 1..] (a step, or extending a context)
             ctx = _chunk_segments(cache.context_frames, cache.tokens_per_frame, None)
             own = _chunk_segments(T, N, chunk_size, first_chunk=1)
             key = (T, N, chunk_size)
@@ -320,13 +321,19 @@ class WorldDiT(nn.Module):
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             prefix = cache.prefix(i) if cache is not None else None
-            want_vid = not (fill == "context" and i == last)  # the last block's output is never used there
+            want_vid = not (filling and i == last)  # the last block's output is never used there
             vid, txt, kv = self._run(blk, vid, vec, txt, txt_vec, layout, prefix,
-                                     want_vid=want_vid, want_txt=i < last, want_kv=fill == "context")
-            if kv is not None:  # join with the text now, so only one block's extra copy is alive at a time
-                kvs.append(LayerKV.joined([prefix, kv], room=cache.room))
+                                     want_vid=want_vid, want_txt=i < last, want_kv=filling)
+            if kv is not None:  # join with the prefix now, so only one block's extra copy is alive at a time
+                if fill == "extend":  # in place after the kept context when its buffer has the space
+                    kvs.append(prefix.extended(kv, room=cache.room))
+                else:
+                    kvs.append(LayerKV.joined([prefix, kv], room=cache.room))
         if fill == "context":
             cache.set_context(kvs, T, N, t_pos)
+            return None
+        if fill == "extend":
+            cache.set_context(kvs, cache.context_frames + T, N, torch.cat([cache.context_t_pos, t_pos], dim=1))
             return None
         out = unpatchify(self.final(vid, vec, T, self.cfg.fuse), T, h, w, ph, pw)
         return out.to(x.dtype)
@@ -381,6 +388,7 @@ class WorldDiT(nn.Module):
         cond_mask: Tensor | None = None,
         chunk_size: int | None = None,
         causal: bool = True,
+        reuse: int = 0,
     ) -> KVCache:
         """Compute the context's per-block keys/values in one forward pass and store them after the text.
 
@@ -388,7 +396,29 @@ class WorldDiT(nn.Module):
         default t_pos = arange(Tc)). ``causal=True``: block-causal among context chunks of
         ``chunk_size`` latents (matches block-causal training); False: full attention inside the
         context. Replaces any previous context.
+
+        ``reuse`` (block-causal only, a multiple of ``chunk_size``): the caller vouches that the first
+        ``reuse`` latents, with their conditioning and positions, are those the cached context starts
+        with. Their keys/values depend on nothing after them, so they are kept and only the rest is
+        encoded, attending to them as a cached step does. The result equals a full fill.
         """
+        if reuse:
+            if not causal or chunk_size is None or reuse % chunk_size or not 0 < reuse <= cache.context_frames \
+                    or reuse > x.shape[2]:
+                raise ValueError(f"WorldDiT.fill_context_cache: reuse={reuse} needs a block-causal fill whose chunk_size "
+                                 f"({chunk_size}) divides it, at most the cached {cache.context_frames} and the given "
+                                 f"{x.shape[2]} context latents")
+            if t_pos is None:
+                t_pos = torch.arange(x.shape[2], device=x.device).expand(x.shape[0], -1)
+            cache.keep_context(reuse)
+            if reuse == x.shape[2]:
+                return cache
+            rest = slice(reuse, None)
+            self(x[:, :, rest], sigma[:, rest], actions=None if actions is None else actions[:, rest],
+                 w2c=None if w2c is None else w2c[:, rest], K=None if K is None else K[:, rest], t_pos=t_pos[:, rest],
+                 image_latent=image_latent, cond_mask=(t_pos[:, rest] == 0) if cond_mask is None else cond_mask[:, rest],
+                 chunk_size=chunk_size, cache=cache, fill="extend")
+            return cache
         cache.clear_context()
         self(x, sigma, actions=actions, w2c=w2c, K=K, t_pos=t_pos, image_latent=image_latent, cond_mask=cond_mask,
              chunk_size=chunk_size, cache=cache, fill="context", causal=causal)

@@ -74,21 +74,22 @@ class LayerKV:
             s += p.length
         return cls(buf_k[:, :, :n], buf_v[:, :, :n], buf_k, buf_v)
 
-    def extended(self, own: "LayerKV") -> "LayerKV":
-        """Keys/values of self followed by ``own``: written into self's buffer when it has room, else concatenated.
+    def extended(self, own: "LayerKV", room: int = 0) -> "LayerKV":
+        """Keys/values of self followed by ``own``, then ``room`` free tokens: written into self's buffer when
+        it has the space, else concatenated.
 
-        Without room (and without autograd) self is re-buffered with room for ``own``, so the next
-        call with the same length writes in place.
+        Without the space (and without autograd) self is re-buffered first, so the next call with the
+        same lengths writes in place. The result shares self's buffer.
         """
         n, m = self.length, own.length
         if not _writable(self.k, self.v, own.k, own.v):
             return LayerKV(_cat_tokens([self.k, own.k]), _cat_tokens([self.v, own.v]))
-        if self.buf_k is None or self.buf_k.shape[2] < n + m:
-            grown = LayerKV.joined([LayerKV(self.k, self.v)], room=m)
+        if self.buf_k is None or self.buf_k.shape[2] < n + m + room:
+            grown = LayerKV.joined([LayerKV(self.k, self.v)], room=m + room)
             self.k, self.v, self.buf_k, self.buf_v = grown.k, grown.v, grown.buf_k, grown.buf_v
         self.buf_k[:, :, n:n + m].copy_(own.k)
         self.buf_v[:, :, n:n + m].copy_(own.v)
-        return LayerKV(self.buf_k[:, :, :n + m], self.buf_v[:, :, :n + m])
+        return LayerKV(self.buf_k[:, :, :n + m], self.buf_v[:, :, :n + m], self.buf_k, self.buf_v)
 
 
 class KVCache:
@@ -151,6 +152,16 @@ class KVCache:
                              f"{self.text_len} + {frames} frames x {tokens_per_frame} tokens = {expected}")
         self.layers = layers
         self.context_frames, self.tokens_per_frame, self.context_t_pos = frames, tokens_per_frame, t_pos
+        self._specs = {}
+
+    def keep_context(self, frames: int) -> None:
+        """Keep only the first ``frames`` latent frames of the cached context (views of the same buffers)."""
+        if self.layers is None or not 0 < frames <= self.context_frames:
+            raise ValueError(f"KVCache.keep_context: cannot keep {frames} of {self.context_frames} cached context frames")
+        n = self.text_len + frames * self.tokens_per_frame
+        self.layers = [LayerKV(kv.k[:, :, :n], kv.v[:, :, :n], kv.buf_k, kv.buf_v) for kv in self.layers]
+        self.context_frames = frames
+        self.context_t_pos = self.context_t_pos[:, :frames]
         self._specs = {}
 
     def clear_context(self) -> None:

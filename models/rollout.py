@@ -85,6 +85,7 @@ class RolloutConfig:
     context_sigma: float = 0.0  # noise-level tag of the cached (clean) context latents; WorldPlay: 0.014
     context_causal: bool = True  # block-causal attention inside the context when filling the cache
     detach_context: bool = True  # cached context (and text) K/V carry no gradient (Self-Forcing)
+    reuse_context: bool = True  # keep K/V of leading context chunks unchanged since the last chunk (exact; no-grad fills)
     mode: str = "ar"  # "ar" | "window"
     window_latents: int = 16  # window length in "window" mode (multiple of chunk_size)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -173,6 +174,7 @@ class ChunkRecord:
     sigmas: Tensor  # [n + 1] the schedule
     exit_step: int  # index of the last model call (n - 1 unless stopped early)
     trajectory: Trajectory | None = None
+    context_reused: int = 0  # leading context latents whose cached K/V were kept instead of re-encoded
 
 
 @dataclass
@@ -198,6 +200,7 @@ class RolloutState:
     K: Tensor  # [B, N, 3, 3] normalised intrinsics
     chunks: list[ChunkRecord] = field(default_factory=list)
     caches: dict[str, Any] = field(default_factory=dict)  # per CFG branch, text K/V filled once
+    context_keys: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # per branch: cached (idx, pos)
 
     @property
     def num_latents(self) -> int:
@@ -236,7 +239,8 @@ class ChunkContext:
     context_idx: Tensor  # [B, M]
     context_pos: Tensor  # [B, M]
     caches: dict[str, Any] = field(default_factory=dict)
-    window_context: dict[str, Tensor] | None = None  # window mode: x, sigma, actions, w2c, K, t_pos, cond_mask
+    window_context: dict[str, Tensor] | None = None
+    reused: int = 0  # context latents kept from the previous fill (the smallest over branches)  # window mode: x, sigma, actions, w2c, K, t_pos, cond_mask
 
 
 class Rollout:
@@ -330,6 +334,7 @@ class Rollout:
         """Switch the prompt mid-stream (promptable events): text K/V are re-cached at the next chunk."""
         state.text, state.text_mask, state.neg_text, state.neg_text_mask = text, text_mask, neg_text, neg_text_mask
         state.caches.clear()
+        state.context_keys.clear()
 
     def context(self, state: RolloutState, actions: Tensor, w2c: Tensor, K: Tensor) -> ChunkContext:
         """Select and reframe the memory for the next ``unit`` latents and fill the caches (ar) once.
@@ -374,20 +379,44 @@ class Rollout:
             return ctx
 
         grad = contextlib.nullcontext() if not cfg.detach_context else torch.no_grad()
+        reused = []
         for branch in self._branches():
             cache = self._text_cache(state, branch)
             if M > 0:
                 a_b, w_b = self._branch_cameras(branch, a_ctx, w_ctx)
                 with grad:
+                    reuse = self._reusable(state, branch, cache, ctx_idx, ctx_pos)
                     self.model.fill_context_cache(
                         cache, x=x_ctx, sigma=s_ctx, actions=a_b, w2c=w_b, K=k_ctx, t_pos=ctx_pos,
                         image_latent=state.image_latent, cond_mask=m_ctx, chunk_size=cfg.chunk_size,
-                        causal=cfg.context_causal,
+                        causal=cfg.context_causal, **({"reuse": reuse} if reuse else {}),
                     )
+                state.context_keys[branch] = (ctx_idx, ctx_pos)
+                reused.append(reuse)
             else:
                 self._clear_context(cache)
+                state.context_keys.pop(branch, None)
             ctx.caches[branch] = cache
+        ctx.reused = min(reused, default=0)
         return ctx
+
+    def _reusable(self, state: RolloutState, branch: str, cache: Any, ctx_idx: Tensor, ctx_pos: Tensor) -> int:
+        """Leading context latents, in whole chunks, that the branch's cache already holds as they are now.
+
+        The history is append-only and each latent's conditioning fixed, so a latent with the same index
+        and position as in the previous fill had the same inputs; with a block-causal context its keys/values
+        depend only on the chunks before it. Off with autograd (cached K/V would join an old graph).
+        One host sync per fill (the comparison).
+        """
+        cfg = self.cfg
+        prev = state.context_keys.get(branch)
+        if (not cfg.reuse_context or not cfg.context_causal or prev is None or torch.is_grad_enabled()
+                or not hasattr(cache, "keep_context") or getattr(cache, "context_frames", 0) != prev[0].shape[-1]):
+            return 0
+        n = min(prev[0].shape[-1], ctx_idx.shape[-1])
+        same = ((prev[0][:, :n] == ctx_idx[:, :n]) & (prev[1][:, :n] == ctx_pos[:, :n])).all(0)  # [n]
+        lead = int(same.int().cumprod(0).sum())
+        return lead - lead % cfg.chunk_size
 
     def velocity(self, state: RolloutState, ctx: ChunkContext, x: Tensor, sigma: Tensor) -> Tensor:
         """Guided velocity [B, C, L, h, w] of the new latents x at noise level sigma (scalar or [B, L])."""
@@ -461,7 +490,8 @@ class Rollout:
         traj = None
         if return_trajectory:
             traj = Trajectory(torch.stack(xs), sig[: exit_step + 1], torch.stack(vs), torch.stack(x0s))
-        record = ChunkRecord(ctx.start, x0, ctx.context_idx, ctx.context_pos, ctx.positions, sig, exit_step, traj)
+        record = ChunkRecord(ctx.start, x0, ctx.context_idx, ctx.context_pos, ctx.positions, sig, exit_step, traj,
+                             context_reused=ctx.reused)
         if commit:
             self._append(state, x0, actions, w2c, K)
             state.chunks.append(record)

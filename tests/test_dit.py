@@ -177,6 +177,40 @@ def test_joined_keys_are_token_major_so_prefixes_are_dense():
     assert text.k.grad is not None and own.k.grad is not None
 
 
+def test_context_fill_reusing_leading_chunks_equals_a_full_fill():
+    model = make()
+    inp = inputs(T=8)
+    other = inputs(T=8, seed=5)
+    mixed = {k: v.clone() for k, v in inp.items()}  # chunk 0 (latents 0-1) shared, the rest different
+    for k in ("x",):
+        mixed[k][:, :, 2:] = other[k][:, :, 2:]
+    for k in ("sigma", "actions", "w2c", "K"):
+        mixed[k][:, 2:] = other[k][:, 2:]
+    steps = {}
+    for reuse in (0, 2):
+        cache = model.new_cache()
+        with torch.no_grad():
+            model.fill_text_cache(cache, inp["text"], inp["text_mask"])
+            model.fill_context_cache(cache, **frames(inp, slice(0, 6)), chunk_size=2)
+            model.fill_context_cache(cache, **frames(mixed, slice(0, 6)), chunk_size=2, reuse=reuse)
+            assert cache.context_frames == 6 and cache.context_t_pos.shape == (B, 6)
+            chunk = frames(mixed, slice(6, 8))
+            steps[reuse] = model(chunk.pop("x"), chunk.pop("sigma"), **chunk, chunk_size=2, cache=cache)
+    torch.testing.assert_close(steps[2], steps[0], atol=1e-5, rtol=1e-5)
+    full = run(model, mixed, chunk_size=2)
+    torch.testing.assert_close(steps[2], full[:, :, 6:8], atol=1e-5, rtol=1e-5)
+    # everything reused: the cache keeps what it has; a shorter context keeps its head
+    cache = model.new_cache()
+    with torch.no_grad():
+        model.fill_context_cache(cache, **frames(inp, slice(0, 6)), chunk_size=2)
+        model.fill_context_cache(cache, **frames(inp, slice(0, 4)), chunk_size=2, reuse=4)
+        assert cache.context_frames == 4 and cache.layers[0].length == 4 * H * W
+        with pytest.raises(ValueError, match="reuse=3"):
+            model.fill_context_cache(cache, **frames(inp, slice(0, 4)), chunk_size=2, reuse=3)
+        with pytest.raises(ValueError, match="reuse=2"):
+            model.fill_context_cache(cache, **frames(inp, slice(0, 4)), chunk_size=2, causal=False, reuse=2)
+
+
 def test_bidirectional_context_cache_equals_two_chunk_forward():
     """fill_context_cache(causal=False): full attention inside the context, the chunk sees all of it."""
     model = make()

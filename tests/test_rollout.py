@@ -152,6 +152,20 @@ def test_cached_rollout_equals_uncached_block_causal_reference(model):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_context_reuse_is_exact_and_happens(model, guidance):
+    """Keeping the K/V of leading context chunks that did not change gives what re-encoding gives."""
+    traj = trajectory(32, seed=3)
+    on = gen(Rollout(model, cfg_(context_sigma=0.014, guidance=guidance)), traj)
+    off = gen(Rollout(model, cfg_(context_sigma=0.014, guidance=guidance, reuse_context=False)), traj)
+    torch.testing.assert_close(on.latents, off.latents, atol=1e-5, rtol=1e-5)
+    assert all(c.context_reused == 0 for c in off.chunks)
+    reused = [c.context_reused for c in on.chunks]
+    assert reused[0] == 0 and all(r % 4 == 0 for r in reused)
+    assert any(0 < r < c.context_idx.shape[1] for r, c in zip(reused, on.chunks))  # partial reuse: the rest re-encoded
+
+
+@torch.no_grad()
 def test_streaming_equals_generate(model):
     traj = trajectory(20, seed=2)
     r = Rollout(model, cfg_(guidance=2.0, context_sigma=0.014))
