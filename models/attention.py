@@ -231,11 +231,11 @@ def _flex_fn(device: torch.device) -> Callable:
 
 
 def _sdpa_gpu_priority(needs_grad: bool, cudnn_backward: bool = False):
-    """Kernel priority on CUDA: cuDNN first without autograd, flash first with it.
+    """Kernel priority on CUDA: cuDNN first without autograd (or for the ``cudnn`` backend), else flash first.
 
-    Measured on H100 (torch 2.11, cuDNN 9.19): cuDNN's backward fails (``mha_graph.execute`` /
-    illegal address) for this model's multi-prefix layout with text + PRoPE, while its forward
-    matches flash and is ~2x faster; so training uses flash / memory-efficient and inference cuDNN.
+    ``sdpa`` with autograd keeps flash / memory-efficient: cuDNN's backward faults on non-dense prefix
+    views (``mha_graph.execute`` / illegal address, H100, torch 2.11 + cuDNN 9.19), which ``sdpa`` does
+    not rule out; ``cudnn`` makes each prefix dense first.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
