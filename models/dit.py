@@ -25,7 +25,8 @@ Conventions and choices (deviations from the brief are listed here):
 * The cache is filled through ``forward`` (``fill=...``, used by :meth:`fill_text_cache` and
   :meth:`fill_context_cache`), so FSDP2's forward hooks gather parameters for those calls too.
 * With ``text_mask`` the auto attention backend on GPU is flex (key padding); pass ``text_mask=None``
-  when no token is padding to keep the dense cuDNN path.
+  when no token is padding to keep the dense cuDNN path (``fill_text_cache`` drops an all-True mask
+  itself).
 """
 
 from __future__ import annotations
@@ -355,6 +356,10 @@ class WorldDiT(nn.Module):
         if text is None or text.shape[1] == 0:
             cache.clear()
             return None
+        if text_mask is not None and text_mask.shape == text.shape[:2] and bool(text_mask.all()):
+            # Nothing is padding (e.g. one prompt): without a mask every later call keeps the dense cuDNN
+            # path instead of flex. One host sync per prompt.
+            text_mask = None
         txt, spec = self._embed_text(text, text_mask)
         txt_vec = self._text_vec(text.shape[0], text.device)
         # Text-only pass: no video tokens, only the text spec is used.

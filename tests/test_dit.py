@@ -211,6 +211,29 @@ def test_context_fill_reusing_leading_chunks_equals_a_full_fill():
             model.fill_context_cache(cache, **frames(inp, slice(0, 4)), chunk_size=2, causal=False, reuse=2)
 
 
+def test_text_cache_drops_an_all_true_mask():
+    """A mask with no padding changes nothing but the attention path: the cache keeps no mask (dense kernels)."""
+    model = make()
+    inp = inputs(T=4)
+    full_mask = torch.ones(inp["text"].shape[:2], dtype=torch.bool)
+    outs = {}
+    for name, mask in (("none", None), ("all-true", full_mask)):
+        cache = model.new_cache()
+        with torch.no_grad():
+            model.fill_text_cache(cache, inp["text"], mask)
+            assert cache.text_mask is None
+            model.fill_context_cache(cache, **frames(inp, slice(0, 2)), chunk_size=2)
+            chunk = frames(inp, slice(2, 4))
+            outs[name] = model(chunk.pop("x"), chunk.pop("sigma"), **chunk, chunk_size=2, cache=cache)
+    torch.testing.assert_close(outs["all-true"], outs["none"], atol=0, rtol=0)
+    partial = full_mask.clone()
+    partial[:, -1] = False
+    cache = model.new_cache()
+    with torch.no_grad():
+        model.fill_text_cache(cache, inp["text"], partial)
+    assert torch.equal(cache.text_mask, partial)
+
+
 def test_bidirectional_context_cache_equals_two_chunk_forward():
     """fill_context_cache(causal=False): full attention inside the context, the chunk sees all of it."""
     model = make()
