@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from data.geometry import invert_rigid, make_pose, rotation_x, rotation_y
 from models.config import WorldDiTConfig, preset
 from models.dit import WorldDiT
+from model_helpers import randomize
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -19,18 +19,6 @@ B, C, H, W, L = 2, 16, 4, 4, 5
 ZERO_INIT = ("action_embed.mlp.2.", "prope_proj.")
 
 
-def randomize(model: torch.nn.Module, seed: int = 0, skip: tuple[str, ...] = ()) -> torch.nn.Module:
-    """Give every parameter a non-trivial value (the default init zeroes gates and outputs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(s in name for s in skip):
-                continue
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
-            else:
-                p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def make(skip=(), seed=0, **overrides) -> WorldDiT:

@@ -44,6 +44,7 @@ from models.dit import WorldDiT
 from models.memory import MemoryConfig
 from models.rollout import RolloutConfig
 from models.text_encoders import TextEncoderConfig
+from model_helpers import randomize
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -88,15 +89,7 @@ def data_dir(tmp_path_factory) -> Path:
 def tiny_model(seed: int) -> tuple[WorldDiT, object]:
     """A tiny WorldDiT with non-trivial random weights (the default init zeroes its outputs)."""
     cfg = replace(preset("tiny"), latent_channels=96, text_dim=0)
-    g = torch.Generator().manual_seed(seed)
-    model = WorldDiT(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
-            else:
-                p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
-    return model.eval(), cfg
+    return randomize(WorldDiT(cfg), seed).eval(), cfg
 
 
 def save_tiny_bundle(path: Path, seed: int) -> Path:

@@ -3,7 +3,6 @@ gradients, window mode, errors and determinism."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import pytest
@@ -16,6 +15,7 @@ from models.dit import WorldDiT
 from models.flow import add_noise, cfg_combine, euler_step, inference_sigmas
 from models.memory import MemoryConfig, reframe_positions, select_context, select_window_context
 from models.rollout import Rollout, RolloutConfig, gaussian_noise
+from model_helpers import randomize
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -24,16 +24,6 @@ B, C, H, W, LT = 2, 16, 4, 4, 3
 MEM = MemoryConfig(temporal_latents=4, spatial_chunks=1, anchor=True, max_context=12, num_points=2000)
 
 
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial values everywhere (the default init zeroes gates, outputs and the new branches)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
-            else:
-                p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
-    return model
 
 
 @pytest.fixture(scope="module")
