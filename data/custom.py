@@ -45,7 +45,7 @@ from torch import Tensor
 
 from data.actions import NUM_KEYS, MotionThresholds, poses_to_keys
 from data.geometry import invert_rigid, is_rigid, rebase_to_first, resize_intrinsics
-from data.poseio import read_pose_json
+from data.poseio import EntryKeyError, indexed_entries, load_json_strict, read_pose_json
 from data.transforms import crop_box, crop_resize_frames, crop_resize_intrinsics, parse_wxh
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "PoseTrack",
     "detect_pose_format",
     "read_poses",
+    "frame_entries",
     "read_per_frame_json",
     "read_worldplay_json",
     "read_pose_csv",
@@ -124,6 +125,20 @@ def _check_cameras(path: Path, c2w: Tensor, K: Tensor, pose_field: str, k_field:
             raise CustomImportError(path, f"frame {i} '{k_field}'", "contains NaN or inf")
         if K[i, 0, 0] <= 0 or K[i, 1, 1] <= 0 or not torch.allclose(K[i, 2], torch.tensor([0.0, 0.0, 1.0], dtype=K.dtype)):
             raise CustomImportError(path, f"frame {i} '{k_field}'", "must be a pinhole [[fx,0,cx],[0,fy,cy],[0,0,1]] with fx, fy > 0")
+        if looks_normalized(K[i]):
+            fx, cx = float(K[i, 0, 0]), float(K[i, 0, 2])
+            raise CustomImportError(path, f"frame {i} '{k_field}'", f"looks normalised (fx={fx:.3g}, cx={cx:.3g}); K must be "
+                                    "in pixels of the source frames: multiply row 0 by the width and row 1 by the height")
+
+
+def looks_normalized(K: Tensor) -> bool:
+    """Whether a 3x3 K is in image-size units (fx, fy below 4 and a principal point in [0, 1.5]) rather than pixels.
+
+    No real camera has a focal length of a few pixels with its principal point in the first pixel
+    or two, so such a K is a normalised one passed where pixels are expected.
+    """
+    fx, fy, cx, cy = (float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2]))
+    return fx < 4 and fy < 4 and 0 <= cx <= 1.5 and 0 <= cy <= 1.5
 
 
 def _matrix(path: Path, value: object, shape: tuple[int, int], field: str) -> Tensor:
@@ -137,19 +152,32 @@ def _matrix(path: Path, value: object, shape: tuple[int, int], field: str) -> Te
 
 
 def _load_json(path: Path) -> object:
+    """The JSON of ``path``; an object with a repeated key is an error naming the key."""
     try:
-        return json.loads(path.read_text())
+        return load_json_strict(path.read_text())
+    except EntryKeyError as e:
+        raise CustomImportError(path, f"key {e.key!r}", e.problem) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CustomImportError(path, "json", f"cannot be read ({e})") from None
+
+
+def frame_entries(path: Path, raw: object, what: str = "per-frame entries") -> list:
+    """Per-frame entries of a JSON list, or of an object keyed by frame number read by key (not file order)."""
+    try:
+        entries = indexed_entries(raw)
+    except EntryKeyError as e:
+        raise CustomImportError(path, f"key {e.key!r}", e.problem) from None
+    except ValueError as e:
+        raise CustomImportError(path, "json", f"expected a non-empty list or object of {what}: {e}") from None
+    if not entries:
+        raise CustomImportError(path, "json", f"expected a non-empty list or object of {what}")
+    return entries
 
 
 def read_per_frame_json(path: str | Path) -> PoseTrack:
     """WorldPlay's per-frame training JSON: entries (in frame order) with ``w2c`` and ``intrinsic``."""
     path = Path(path)
-    raw = _load_json(path)
-    entries = list(raw.values()) if isinstance(raw, dict) else raw
-    if not isinstance(entries, list) or not entries:
-        raise CustomImportError(path, "json", "expected a non-empty object or list of per-frame entries")
+    entries = frame_entries(path, _load_json(path))
     w2c, K = [], []
     for i, e in enumerate(entries):
         if not isinstance(e, dict):
@@ -361,7 +389,11 @@ def detect_pose_format(path: str | Path) -> str:
         return "csv"
     if path.suffix.lower() == ".json":
         raw = _load_json(path)
-        first = next(iter(raw.values()), None) if isinstance(raw, dict) else (raw[0] if isinstance(raw, list) and raw else None)
+        try:
+            entries = indexed_entries(raw) if isinstance(raw, (dict, list)) else []
+        except EntryKeyError as e:
+            raise CustomImportError(path, f"key {e.key!r}", e.problem) from None
+        first = entries[0] if entries else None
         if isinstance(first, dict) and "w2c" in first:
             return "per_frame_json"
         if isinstance(first, dict) and "extrinsic" in first:
@@ -595,8 +627,9 @@ def import_videos(videos: str | Path, poses: str | Path, out: str | Path, cfg: C
 
     ``poses`` is a directory holding ``<stem>.json`` / ``<stem>.csv`` / ``<stem>/`` (COLMAP) per
     video, or one pose file/directory when there is one video. Every pose file is found, read and
-    checked before any video is decoded; a problem found while decoding (frame count) stops the
-    import, and the clips already written stay indexed. The mp4 time base uses ``cfg.fps`` (16
+    checked before any video is decoded. Shards are staged in a hidden sibling of ``out`` and moved
+    into it only when every video imported: a problem found while decoding (a frame count, a
+    broken video) leaves ``out`` as it was. The mp4 time base uses ``cfg.fps`` (16
     when None); each clip's true rate is in ``meta['fps']``.
     """
     from data.shards import ShardWriter
@@ -621,7 +654,7 @@ def import_videos(videos: str | Path, poses: str | Path, out: str | Path, cfg: C
         read_poses(pose, cfg.pose_format)
     n_clips = n_frames = 0
     with ShardWriter(out, prefix="custom", samples_per_shard=cfg.samples_per_shard, video_format=cfg.video_format,
-                     fps=cfg.fps or 16.0, overwrite=overwrite) as writer:
+                     fps=cfg.fps or 16.0, overwrite=overwrite, staged=True) as writer:
         for video, pose in pairs:
             for clip in import_video(video, pose, cfg, captions.get(video.stem, "")):
                 writer.write(clip)
@@ -657,7 +690,7 @@ def main(argv: list[str] | None = None) -> dict:
                              translation_scale=args.translation_scale, video_format=args.video_format)
     try:
         summary = import_videos(args.videos, args.poses, args.out, cfg, args.caption_file, args.overwrite)
-    except CustomImportError as e:
+    except (CustomImportError, FileExistsError, NotADirectoryError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(summary), flush=True)
     return summary

@@ -51,13 +51,14 @@ from data.custom import (
     _load_json,
     _matrix,
     _to_video_k,
+    frame_entries,
     frame_keys_from_poses,
     read_per_frame_json,
 )
 from data.geometry import rebase_to_first
 from data.transforms import crop_box, crop_resize_frames, crop_resize_intrinsics, parse_wxh
 
-__all__ = ["IMAGE_SUFFIXES", "FolderImportConfig", "FolderItem", "find_items", "read_frame_poses", "read_actions",
+__all__ = ["IMAGE_SUFFIXES", "FolderImportConfig", "FolderItem", "find_items", "image_frames", "read_frame_poses", "read_actions",
            "scale_factor", "import_item", "import_folder", "main"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -105,6 +106,27 @@ def _images(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_frame_number)
 
 
+def image_frames(folder: Path) -> list[Path]:
+    """The images of an image-folder video in frame order; every name must carry a frame number, with no gaps or repeats.
+
+    Checked like COLMAP input: a missing frame would otherwise import silently as a jump in time.
+    """
+    files = _images(folder)
+    unnumbered = [p.name for p in files if _frame_number(p)[0] < 0]
+    if unnumbered:
+        raise CustomImportError(folder / unnumbered[0], "frame number", "the image name carries no frame number "
+                                "(name images like 00000.png or frame_12.jpg)")
+    numbers = [_frame_number(p)[0] for p in files]
+    repeats = sorted({n for n in numbers if numbers.count(n) > 1})
+    if repeats:
+        names = [p.name for p in files if _frame_number(p)[0] == repeats[0]]
+        raise CustomImportError(folder, "frames", f"frame number {repeats[0]} appears more than once ({', '.join(names)})")
+    missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers)) if numbers else []
+    if missing:
+        raise CustomImportError(folder, "frames", f"images must be numbered without gaps; missing frame numbers {missing[:20]}")
+    return files
+
+
 def find_items(src: str | Path) -> list[FolderItem]:
     """Every video of ``src`` with its pose file (required) and action file (optional)."""
     src = Path(src)
@@ -132,10 +154,9 @@ def find_items(src: str | Path) -> list[FolderItem]:
 def read_frame_poses(path: str | Path) -> PoseTrack:
     """Per-frame poses: WorldPlay's ``{w2c, intrinsic}`` entries or our ``{c2w, K}`` ones."""
     path = Path(path)
-    raw = _load_json(path)
-    entries = list(raw.values()) if isinstance(raw, dict) else raw
-    if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
-        raise CustomImportError(path, "json", "expected a non-empty list (or object in frame order) of per-frame entries")
+    entries = frame_entries(path, _load_json(path))
+    if not isinstance(entries[0], dict):
+        raise CustomImportError(path, "frame 0", "is not an object with 'w2c'/'intrinsic' (WorldPlay) or 'c2w'/'K' (ours)")
     if "w2c" in entries[0]:
         return read_per_frame_json(path)
     if "c2w" not in entries[0]:
@@ -155,10 +176,7 @@ def read_frame_poses(path: str | Path) -> PoseTrack:
 def read_actions(path: str | Path) -> Tensor:
     """Held keys bool [F, 8] from WorldPlay's per-frame action JSON (``move_action``, ``view_action``)."""
     path = Path(path)
-    raw = _load_json(path)
-    entries = list(raw.values()) if isinstance(raw, dict) else raw
-    if not isinstance(entries, list) or not entries:
-        raise CustomImportError(path, "json", "expected a non-empty list (or object in frame order) of per-frame actions")
+    entries = frame_entries(path, _load_json(path), "per-frame actions")
     keys = torch.zeros(len(entries), NUM_KEYS, dtype=torch.bool)
     for i, e in enumerate(entries):
         if not isinstance(e, dict):
@@ -182,7 +200,7 @@ def _read_image_folder(item: FolderItem, track: PoseTrack, cfg: FolderImportConf
     """Like data.custom's decoder for a folder of images: (frames, picked, fps, source (W, H), track, K)."""
     import cv2
 
-    files = _images(item.video)
+    files = image_frames(item.video)
     if track.c2w.shape[0] != len(files):
         raise CustomImportError(item.poses, "frames", f"has {track.c2w.shape[0]} poses but the image folder {item.video.name} "
                                 f"has {len(files)} frames (one pose per frame needed)")
@@ -290,17 +308,23 @@ def import_item(item: FolderItem, cfg: FolderImportConfig = FolderImportConfig()
 
 
 def import_folder(src: str | Path, out: str | Path, cfg: FolderImportConfig = FolderImportConfig(), overwrite: bool = False) -> dict:
-    """Import every video of ``src`` into shards under ``out``; every pose and action file is checked first."""
+    """Import every video of ``src`` into shards under ``out``: all or nothing.
+
+    Every pose and action file and every image folder's numbering is checked before any frame is
+    decoded; shards are staged and moved into ``out`` only when every video imported.
+    """
     from data.shards import ShardWriter
 
     items = find_items(src)
     for it in items:
+        if it.video.is_dir():
+            image_frames(it.video)
         read_frame_poses(it.poses)
         if it.actions is not None:
             read_actions(it.actions)
     n_clips = n_frames = 0
     with ShardWriter(out, prefix="folder", samples_per_shard=cfg.samples_per_shard, video_format=cfg.video_format,
-                     fps=cfg.fps or 16.0, overwrite=overwrite) as writer:
+                     fps=cfg.fps or 16.0, overwrite=overwrite, staged=True) as writer:
         for it in items:
             for clip in import_item(it, cfg):
                 writer.write(clip)
@@ -336,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
                              target_step=args.target_step, video_format=args.video_format)
     try:
         summary = import_folder(args.src, args.out, cfg, args.overwrite)
-    except CustomImportError as e:
+    except (CustomImportError, FileExistsError, NotADirectoryError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(summary), flush=True)
     return summary

@@ -20,6 +20,64 @@ from data.actions import NUM_KEYS, MotionSteps, keys_to_poses
 from data.geometry import is_rigid
 
 MOVE_KEYS = {"w": 0, "s": 1, "d": 2, "a": 3, "right": 4, "left": 5, "up": 6, "down": 7}
+
+
+class EntryKeyError(ValueError):
+    """A per-frame / per-latent JSON object whose keys are not consecutive integers; names the key."""
+
+    def __init__(self, key: str, problem: str):
+        self.key, self.problem = key, problem
+        super().__init__(f"key {key!r}: {problem}")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise EntryKeyError(k, "appears twice in one JSON object")
+        out[k] = v
+    return out
+
+
+def load_json_strict(text: str) -> object:
+    """``json.loads`` that refuses an object with a repeated key (``json`` keeps the last one silently).
+
+    Raises :class:`EntryKeyError` naming the key, or ``json.JSONDecodeError``.
+    """
+    return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+
+
+def indexed_entries(raw: object, *, first: int | None = None) -> list:
+    """The entries of a per-frame (or per-latent) JSON in index order.
+
+    A list is taken as it is. An object must be keyed by integers (``{"0": ..., "1": ..., "10": ...}``)
+    and is read by key, never in the file's order (sorted keys put "10" before "2"); the keys must
+    be consecutive, starting at ``first`` (any start when None), with no gaps or repeats ("1" and
+    "01"). Raises :class:`EntryKeyError` naming the offending key; ValueError for anything else.
+    """
+    if isinstance(raw, list):
+        return raw
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected a list or an object keyed by frame number, got {type(raw).__name__}")
+    numbers: dict[int, str] = {}
+    for key in raw:
+        text = str(key).strip()
+        if not (text.isdigit() or (text.startswith("-") and text[1:].isdigit())):
+            raise EntryKeyError(str(key), "is not an integer index (keys must be frame numbers '0', '1', ...)")
+        n = int(text)
+        if n in numbers:
+            raise EntryKeyError(str(key), f"repeats index {n} (also key {numbers[n]!r})")
+        numbers[n] = str(key)
+    if not numbers:
+        return []
+    lo = min(numbers) if first is None else first
+    if first is not None and min(numbers) != first:
+        raise EntryKeyError(numbers[min(numbers)], f"indices must start at {first}, the smallest is {min(numbers)}")
+    missing = sorted(set(range(lo, max(numbers) + 1)) - set(numbers))
+    if missing:
+        raise EntryKeyError(str(missing[0]), f"missing: keys must run {lo}..{max(numbers)} without gaps; "
+                            f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    return [raw[numbers[n]] for n in range(lo, lo + len(numbers))]
 _MOVE_RE = re.compile(r"^\s*([a-z+]+)\s*-\s*(\d+)\s*$")
 
 
@@ -52,17 +110,21 @@ def read_pose_json(path: str | Path) -> tuple[Tensor, Tensor]:
     """Read a WorldPlay pose JSON: (c2w [T, 4, 4], K [T, 3, 3] pixels), both float64."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        raw = load_json_strict(path.read_text())
+    except EntryKeyError as e:
+        raise ValueError(f"{path}: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a readable pose JSON ({e})") from e
     if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"{path}: expected an object with keys '0'..'N'")
-    n = len(raw)
-    if sorted(raw, key=lambda k: int(k) if str(k).isdigit() else -1) != [str(i) for i in range(n)]:
-        raise ValueError(f"{path}: keys must be '0'..'{n - 1}' with none missing, got {sorted(raw)[:8]}...")
+        raise ValueError(f"{path}: expected an object with keys '0'..'N' (WorldPlay's per-latent pose JSON)")
+    try:
+        entries = indexed_entries(raw, first=0)
+    except EntryKeyError as e:
+        raise ValueError(f"{path}: {e}") from None
     c2w, K = [], []
-    for i in range(n):
-        entry = raw[str(i)]
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: entry '{i}' is not an object with 'extrinsic' and 'K'")
         for key, shape in (("extrinsic", (4, 4)), ("K", (3, 3))):
             if key not in entry:
                 raise ValueError(f"{path}: entry '{i}' lacks key '{key}'")

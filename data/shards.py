@@ -284,6 +284,12 @@ class ShardWriter:
 
     Use as a context manager (or call :meth:`close`). The writer refuses a directory that already
     holds an index or shards with this prefix unless ``overwrite=True``, which deletes them first.
+
+    ``staged=False`` (generators: synthetic, ViZDoom): shards appear in ``out_dir`` as they are
+    finished, and a loop that fails keeps (and indexes) the clips written before the failure.
+    ``staged=True`` (imports of users' files: all or nothing): everything is written into a hidden
+    sibling directory and moved into ``out_dir`` only when the ``with`` block ends without an
+    error; a failure removes it and leaves ``out_dir`` as it was, so a rerun needs no ``--overwrite``.
     """
 
     def __init__(
@@ -297,24 +303,38 @@ class ShardWriter:
         crf: int = 18,
         depth_dtype: str = "float16",
         overwrite: bool = False,
+        staged: bool = False,
     ):
         self.settings = ShardSettings(prefix, samples_per_shard, video_format, float(fps), int(crf), depth_dtype)
         self.settings.check()
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        mine = re.compile(rf"^\.?{re.escape(prefix)}-\d{{6,}}\.tar(\.tmp)?$")
-        old = sorted(p for p in self.out_dir.iterdir() if mine.match(p.name) or p.name in (INDEX_NAME, f".{INDEX_NAME}.tmp"))
+        self.final_dir = Path(out_dir)
+        if self.final_dir.exists() and not self.final_dir.is_dir():
+            raise NotADirectoryError(f"{self.final_dir}: exists and is not a directory")
+        # staged: the directory itself appears only with a complete dataset
+        (self.final_dir.parent if staged else self.final_dir).mkdir(parents=True, exist_ok=True)
+        self._mine = re.compile(rf"^\.?{re.escape(prefix)}-\d{{6,}}\.tar(\.tmp)?$")
+        old = self._dataset_files(self.final_dir) if self.final_dir.is_dir() else []
         if any(not p.name.endswith(".tmp") for p in old) and not overwrite:
-            raise FileExistsError(f"{self.out_dir} already holds a dataset ({old[0].name}, ...); "
-                                  "pass overwrite=True or use another directory")
-        for p in old:  # with overwrite, or only stale temporaries of a crashed writer
-            p.unlink()
+            raise FileExistsError(f"{self.final_dir} already holds a dataset ({old[0].name}, ...); pass --overwrite "
+                                  "(overwrite=True from Python) to replace it, or choose another output directory")
+        self.staged = staged
+        if staged:  # the old dataset stays until the new one is complete (see _publish_staged)
+            self.out_dir = self.final_dir.parent / f".{self.final_dir.name}.partial-{os.getpid()}-{os.urandom(3).hex()}"
+            self.out_dir.mkdir()
+        else:
+            self.out_dir = self.final_dir
+            for p in old:  # with overwrite, or only stale temporaries of a crashed writer
+                p.unlink()
         self._shards: list[dict] = []  # finished shards, as index entries
         self._samples: list[tuple[str, int, int, int]] = []  # (key, F, H, W) in the open shard
         self._file: io.BufferedWriter | None = None
         self._tar: tarfile.TarFile | None = None
         self._count = 0
         self._closed = False
+
+    def _dataset_files(self, folder: Path) -> list[Path]:
+        """This writer's shards (prefix), the index and their temporaries in ``folder``."""
+        return sorted(p for p in folder.iterdir() if self._mine.match(p.name) or p.name in (INDEX_NAME, f".{INDEX_NAME}.tmp"))
 
     def _shard_name(self, i: int) -> str:
         return f"{self.settings.prefix}-{i:06d}.tar"
@@ -396,14 +416,54 @@ class ShardWriter:
             f.flush()
             os.fsync(f.fileno())
         _publish(tmp, self.out_dir / INDEX_NAME)
+        if self.staged:
+            self._publish_staged()
         self._closed = True
+
+    def _publish_staged(self) -> None:
+        """Move the complete staged dataset into ``final_dir``: the old index goes first, the new one last,
+        so that at no moment does an ``index.json`` describe shards that are not all there."""
+        final = self.final_dir
+        final.mkdir(exist_ok=True)
+        (final / INDEX_NAME).unlink(missing_ok=True)
+        for p in self._dataset_files(final):
+            p.unlink()
+        for p in sorted(self.out_dir.iterdir(), key=lambda q: q.name == INDEX_NAME):
+            os.replace(p, final / p.name)
+        self.out_dir.rmdir()
+        self.out_dir = final
+        fd = os.open(final, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def abort(self) -> None:
+        """Drop everything written (staged writers only; nothing reaches ``final_dir``). Idempotent."""
+        import shutil
+
+        if self._closed:
+            return
+        if not self.staged:
+            raise RuntimeError(f"ShardWriter({self.final_dir}): abort() needs staged=True; an unstaged writer keeps what it wrote")
+        for closer in (self._tar, self._file):
+            try:
+                if closer is not None:
+                    closer.close()
+            except OSError:
+                pass
+        shutil.rmtree(self.out_dir, ignore_errors=True)
+        self._tar, self._file, self._samples, self._closed = None, None, [], True
 
     def __enter__(self) -> "ShardWriter":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        # Every clip already written was validated and is complete: keep it (and index it) even
-        # when the caller's loop failed. A failed tar write has already dropped its shard.
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if self.staged and exc_type is not None:
+            self.abort()  # all or nothing: the caller's loop failed
+            return
+        # Unstaged: every clip already written was validated and is complete: keep it (and index it)
+        # even when the caller's loop failed. A failed tar write has already dropped its shard.
         self.close()
 
 

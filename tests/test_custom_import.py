@@ -243,3 +243,9 @@ def test_cli(data, tmp_path):
     np.testing.assert_allclose([K[0, 0], K[1, 1], K[0, 2], K[1, 2]], [60, 60, 24, 24], atol=1e-4)
     with pytest.raises(SystemExit, match="cannot be used for camera conditioning"):
         main(["--videos", str(root / "videos"), "--poses", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")])
+    with pytest.raises(SystemExit, match=r"already holds a dataset.*--overwrite"):  # the CLI flag, not a traceback
+        main(["--videos", str(root / "videos" / "walk.mp4"), "--poses", str(tmp_path / "walk.csv"), "--out", str(tmp_path / "o")])
+    _write_poses("csv", tmp_path / "walk.csv", c2w[:-1])  # fails while decoding: the old dataset stays as it was
+    with pytest.raises(SystemExit, match="has 16 poses"):
+        main(["--videos", str(root / "videos" / "walk.mp4"), "--poses", str(tmp_path / "walk.csv"), "--out", str(tmp_path / "o"), "--overwrite"])
+    assert len(list(iter_clips(tmp_path / "o"))) == 1 and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))  == []

@@ -13,7 +13,7 @@ pytest.importorskip("av")
 from data.actions import MotionSteps, keys_to_poses  # noqa: E402
 from data.custom import CustomImportError  # noqa: E402
 from data.geometry import invert_rigid, make_pose, rebase_to_first, rotation_y  # noqa: E402
-from data.import_folder import FolderImportConfig, find_items, import_folder, import_item, main, read_actions  # noqa: E402
+from data.import_folder import FolderImportConfig, find_items, import_folder, import_item, main, read_actions, read_frame_poses  # noqa: E402
 from data.shards import iter_clips  # noqa: E402
 from data.video import write_mp4  # noqa: E402
 
@@ -136,7 +136,11 @@ def test_malformed_inputs_name_file_and_frame(folder, tmp_path):
     (src / "stills" / "frame_4.png").write_bytes(b"not a png")
     _expect(src, out, r"frame_4\.png: frame 3: cannot be read as an image")
     (src / "stills" / "frame_4.png").unlink()
-    _expect(src, out, r"stills\.poses\.json: frames: has 9 poses but the image folder stills has 8 frames")
+    _expect(src, out, r"stills: frames: images must be numbered without gaps; missing frame numbers \[4\]")
+    (src / "stills" / "frame_4.png").write_bytes((src / "stills" / "frame_5.png").read_bytes())
+    (src / "stills" / "frame_10.png").write_bytes((src / "stills" / "frame_5.png").read_bytes())
+    _expect(src, out, r"stills\.poses\.json: frames: has 9 poses but the image folder stills has 10 frames")
+    (src / "stills" / "frame_10.png").unlink()
     (src / "broken.mp4").write_bytes(b"\x00" * 64)
     (src / "broken.json").write_text(json.dumps(poses))
     _expect(src, out, r"broken\.mp4: video: cannot be opened")
@@ -150,3 +154,80 @@ def test_read_actions_maps_worldplay_keys(tmp_path):
                              {"move_action": "SA", "view_action": "LD"}, {"move_action": "", "view_action": "LL"}]))
     k = read_actions(p).int().tolist()
     assert k == [[0] * 8, [1, 0, 1, 0, 0, 0, 1, 0], [0, 1, 0, 1, 0, 0, 0, 1], [0, 0, 0, 0, 0, 1, 0, 0]]
+
+
+def test_frame_keyed_json_is_read_by_key_not_file_order(tmp_path):
+    """{"0", "1", "10", "11", "2", ...} (sorted keys) must give frame 2 the pose of key "2", not of key "10"."""
+    c2w = torch.eye(4, dtype=torch.float64).repeat(12, 1, 1)
+    c2w[:, 2, 3] = torch.arange(12, dtype=torch.float64) * 0.1  # frame i sits at z = 0.1 i
+    path = tmp_path / "walk.json"
+    entries = {str(i): {"w2c": invert_rigid(c).tolist(), "intrinsic": K0.tolist()} for i, c in enumerate(c2w)}
+    path.write_text(json.dumps(entries, sort_keys=True))
+    assert list(json.loads(path.read_text()))[:3] == ["0", "1", "10"]
+    assert torch.allclose(read_frame_poses(path).c2w[:, 2, 3], c2w[:, 2, 3])
+    ours = tmp_path / "ours.json"
+    ours.write_text(json.dumps({str(i): {"c2w": c.tolist(), "K": K0.tolist()} for i, c in enumerate(c2w)}, sort_keys=True))
+    assert torch.allclose(read_frame_poses(ours).c2w[:, 2, 3], c2w[:, 2, 3])
+    acts = tmp_path / "a.json"
+    acts.write_text(json.dumps({str(i): {"move_action": "W" if i == 10 else "", "view_action": ""} for i in range(12)}, sort_keys=True))
+    assert read_actions(acts)[:, 0].nonzero().flatten().tolist() == [10]
+    # gaps, repeats and non-integer keys are named
+    bad = dict(entries)
+    del bad["7"]
+    path.write_text(json.dumps(bad))
+    with pytest.raises(CustomImportError, match=r"walk\.json: key '7': missing: keys must run 0\.\.11 without gaps"):
+        read_frame_poses(path)
+    path.write_text(json.dumps({**entries, "x": entries["0"]}))
+    with pytest.raises(CustomImportError, match=r"walk\.json: key 'x': is not an integer"):
+        read_frame_poses(path)
+    path.write_text(json.dumps(entries)[:-1] + ', "01": ' + json.dumps(entries["1"]) + "}")
+    with pytest.raises(CustomImportError, match=r"walk\.json: key '01': repeats index 1"):
+        read_frame_poses(path)
+    path.write_text(json.dumps(entries)[:-1] + ', "3": ' + json.dumps(entries["3"]) + "}")
+    with pytest.raises(CustomImportError, match=r"walk\.json: key '3': appears twice"):
+        read_frame_poses(path)
+
+
+def test_a_failed_import_leaves_nothing_and_a_rerun_needs_no_overwrite(folder, tmp_path, capsys):
+    src, frames, c2w, keys, c2w_big = folder
+    out = tmp_path / "data" / "mine"
+    (src / "walk.actions.json").unlink()
+    poses = json.loads((src / "walk.json").read_text())
+    # walk.mp4 sorts first and imports; the next video fails while decoding: nothing may stay behind
+    for name, content in (("zero", b""), ("noise", np.random.default_rng(0).bytes(4096)),
+                          ("truncated", (src / "walk.mp4").read_bytes()[:600])):
+        bad = src / f"x_{name}.mp4"
+        bad.write_bytes(content)
+        (src / f"x_{name}.json").write_text(json.dumps(poses))
+        with pytest.raises(SystemExit, match=f"x_{name}"):
+            main(["--src", str(src), "--out", str(out)])
+        assert not out.exists() and not list(out.parent.iterdir()), (name, list(out.parent.iterdir()))
+        bad.unlink()
+        (src / f"x_{name}.json").unlink()
+    (src / "walk.json").write_text(json.dumps(poses[:-1]))  # a pose / frame count mismatch
+    with pytest.raises(SystemExit, match="has 8 poses"):
+        main(["--src", str(src), "--out", str(out)])
+    assert not out.exists()
+    (src / "walk.json").write_text(json.dumps(poses))
+    png = (src / "stills" / "frame_9.png").read_bytes()
+    (src / "stills" / "frame_9.png").write_bytes(b"not a png")  # a bad PNG (today: an index.json with 0 samples)
+    with pytest.raises(SystemExit, match="frame_9.png"):
+        main(["--src", str(src), "--out", str(out)])
+    assert not out.exists()
+    (src / "stills" / "frame_9.png").write_bytes(png)
+    assert main(["--src", str(src), "--out", str(out)])["clips"] == 2  # the rerun: no --overwrite needed
+    index = (out / "index.json").read_text()
+    with pytest.raises(SystemExit, match="--overwrite"):  # an existing dataset names the CLI flag
+        main(["--src", str(src), "--out", str(out)])
+    (src / "walk.json").write_text(json.dumps(poses[:-1]))
+    with pytest.raises(SystemExit, match="has 8 poses"):  # a failed --overwrite keeps the old dataset
+        main(["--src", str(src), "--out", str(out), "--overwrite"])
+    assert (out / "index.json").read_text() == index and len(list(iter_clips(out))) == 2
+
+
+def test_normalised_intrinsics_are_rejected_by_name(tmp_path):
+    path = tmp_path / "walk.json"
+    Kn = [[0.8, 0, 0.5], [0, 1.2, 0.5], [0, 0, 1]]  # fx/W, fy/H, cx/W, cy/H: not pixels
+    path.write_text(json.dumps([{"c2w": torch.eye(4).tolist(), "K": Kn}] * 3))
+    with pytest.raises(CustomImportError, match=r"walk\.json: frame 0 'K': looks normalised.*in pixels"):
+        read_frame_poses(path)
