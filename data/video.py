@@ -96,7 +96,7 @@ def write_mp4(
     _encode(str(path), frames, fps, crf, preset, str(path))
 
 
-def _decode(source: str | io.BytesIO, where: str) -> np.ndarray:
+def _decode(source: str | io.BytesIO, where: str, max_frames: int | None = None) -> np.ndarray:
     try:
         with av.open(source, mode="r") as container:
             if not container.streams.video:
@@ -107,7 +107,11 @@ def _decode(source: str | io.BytesIO, where: str) -> np.ndarray:
                 stream.thread_type = "AUTO"
             else:
                 ctx.thread_count = 1
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            frames = []
+            for f in container.decode(stream):
+                if max_frames is not None and len(frames) >= max_frames:
+                    raise VideoError(where, f"more than {max_frames} frames (the limit here); trim the video")
+                frames.append(f.to_ndarray(format="rgb24"))
             size = _SIZE_RE.search(str(container.metadata.get("comment", "")))
     except (av.FFmpegError, EOFError) as exc:
         raise VideoError(where, f"cannot decode video: {exc}") from exc
@@ -120,9 +124,10 @@ def _decode(source: str | io.BytesIO, where: str) -> np.ndarray:
     return video
 
 
-def decode_mp4_bytes(data: bytes, where: str = "<mp4 bytes>") -> np.ndarray:
-    """Decode an in-memory MP4 to frames uint8 [F, H, W, 3]; raises VideoError naming ``where``."""
-    return _decode(io.BytesIO(data), where)
+def decode_mp4_bytes(data: bytes, where: str = "<mp4 bytes>", *, max_frames: int | None = None) -> np.ndarray:
+    """Decode an in-memory MP4 to frames uint8 [F, H, W, 3]; raises VideoError naming ``where``
+    (also when it holds more than ``max_frames`` frames: untrusted uploads)."""
+    return _decode(io.BytesIO(data), where, max_frames)
 
 
 def read_mp4(path_or_bytes: str | os.PathLike | bytes) -> np.ndarray:

@@ -62,9 +62,12 @@ def fit_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def to_video_tensor(image: np.ndarray) -> Tensor:
-    """A one-frame video [1, 3, 1, H, W] float32 in [-1, 1] from RGB uint8 [H, W, 3]."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-    return x[None, :, None]
+    """A video [1, 3, F, H, W] float32 in [-1, 1] from RGB uint8 frames [F, H, W, 3] (or one image [H, W, 3]: F = 1)."""
+    frames = np.ascontiguousarray(image)
+    if frames.ndim == 3:
+        frames = frames[None]
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
+    return x[None]
 
 
 def to_uint8_frames(video: Tensor) -> np.ndarray:

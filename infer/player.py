@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from data.actions import NUM_KEYS, keys_to_motion, poses_to_keys
-from data.geometry import invert_rigid, is_rigid
-from data.latents import latent_action_ids
+from data.actions import NUM_KEYS, keys_to_motion, keys_to_poses, poses_to_keys
+from data.geometry import invert_rigid, is_rigid, normalize_intrinsics, rebase_to_first
+from data.latents import latent_action_ids, latent_intrinsics, latent_keys_from_frames, latent_poses
 from data.latents import num_frames as frames_of_latents
 from data.poseio import parse_pose_string
+from data.transforms import crop_box, crop_resize_frames, crop_resize_intrinsics
 from infer.config import PlayerConfig, VideoSettings, resolve_settings
 from infer.errors import InferError
 from infer.image import ImageLike, as_rgb, fit_image, to_uint8_frames, to_video_tensor
@@ -103,6 +104,7 @@ class WorldPlayer:
         self._seed: Optional[int] = None
         self._prompt: Optional[str] = None
         self._negative_prompt: Optional[str] = None
+        self._start: dict[str, Any] = {}
         self._reset_history()
 
     # ------------------------------------------------------------------ construction
@@ -225,6 +227,109 @@ class WorldPlayer:
         self._image, self._K0 = rgb, K0.to(torch.float64)
         self._prompt, self._negative_prompt = prompt, negative
         self._seed = int(self.cfg.seed if seed is None else seed)
+        self._start = {"kind": "image"}
+        self.reset_seconds = sw.seconds
+        return rgb
+
+    def reset_video(
+        self,
+        video: np.ndarray,
+        prompt: Optional[str] = None,
+        *,
+        c2w: Optional[Tensor] = None,
+        keys: Optional[Tensor] = None,
+        K: Optional[Tensor] = None,
+        max_latents: Optional[int] = None,
+        seed: Optional[int] = None,
+        negative_prompt: Optional[str] = None,
+    ) -> np.ndarray:
+        """Start from a video: its last frames become the history that the first generated chunk continues.
+
+        video: RGB uint8 frames [F, H, W, 3] of any size, framed like the image (centre crop to the
+        bundle's aspect, resize; pixel K follows). The last ``1 + stride * (P - 1)`` frames are used,
+        P the largest multiple of :attr:`unit` latents that fits (and at most ``max_latents``), so the
+        generated chunks stay aligned with the chunks the memory retrieves. Their latents are encoded
+        together and pushed into the rollout's history with ``Rollout.extend`` before any chunk is
+        generated, so the memory can retrieve them; latent 0 (the first frame used) is the
+        conditioning image, as in training.
+
+        The video's camera, per input frame: ``c2w`` [F, 4, 4] when known (any world frame; re-based
+        so latent 0 is the identity); else ``keys`` [F, 8], the held keys, integrated with the
+        bundle's per-latent steps (a key counts for a latent when held over most of its frames);
+        else the camera is taken as still (identity poses, action 0). ``K``: pixel intrinsics of the
+        input frames, [3, 3] or [F, 3, 3] (default: the bundle's camera). Actions come from the
+        poses, like every other path. Returns the frames used as the model sees them, uint8
+        [F', H, W, 3]: the first F' frames of the session's video.
+        """
+        frames = np.asarray(video)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or min(frames.shape[:3]) < 1:
+            raise InferError(f"reset_video: video must be RGB uint8 frames [F, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+        if c2w is not None and keys is not None:
+            raise InferError("reset_video: give the video's camera as c2w or as keys, not both")
+        s, u, (H, W) = self.temporal_stride, self.unit, (self.height, self.width)
+        F = frames.shape[0]
+        available = 1 + (F - 1) // s
+        P = min(available, available if max_latents is None else int(max_latents)) // u * u
+        if P < u:
+            raise InferError(
+                f"reset_video: {F} frames make {available} latents (max_latents={max_latents}); a video start needs at "
+                f"least one chunk, {u} latents = {frames_of_latents(u, s)} frames"
+            )
+        n = frames_of_latents(P, s)
+        used = slice(F - n, F)
+        box = crop_box(frames.shape[1:3], (H, W))
+        if c2w is not None:
+            poses = torch.as_tensor(np.asarray(c2w), dtype=torch.float64)
+            if poses.shape != (F, 4, 4):
+                raise InferError(f"reset_video: c2w must be per-frame poses [{F}, 4, 4], got {list(poses.shape)}")
+            bad = (~is_rigid(poses)).nonzero().flatten()
+            if len(bad):
+                raise InferError(f"reset_video: c2w[{int(bad[0])}] is not a rigid transform")
+            c2w_lat, camera = rebase_to_first(latent_poses(poses[used], s)), "poses"
+        elif keys is not None:
+            held = torch.as_tensor(np.asarray(keys)).bool()
+            if held.shape != (F, NUM_KEYS):
+                raise InferError(f"reset_video: keys must be per-frame held keys [{F}, {NUM_KEYS}], got {list(held.shape)}")
+            c2w_lat, camera = keys_to_poses(latent_keys_from_frames(held[used], s), self.video.steps), "keys"
+        else:
+            c2w_lat, camera = torch.eye(4, dtype=torch.float64).expand(P, 4, 4).clone(), "still"
+        if K is not None:
+            K_pix = torch.as_tensor(np.asarray(K), dtype=torch.float64)
+            K_pix = K_pix.expand(F, 3, 3) if K_pix.shape == (3, 3) else K_pix
+            if K_pix.shape != (F, 3, 3):
+                raise InferError(f"reset_video: K must be pixel intrinsics [3, 3] or [{F}, 3, 3], got {list(K_pix.shape)}")
+            K_lat = normalize_intrinsics(crop_resize_intrinsics(latent_intrinsics(K_pix[used], s), box, (H, W)), W, H)
+            K_lat = self._check_K(K_lat, P, "reset_video")
+        else:
+            K_lat = default_intrinsics(H, W, self.video.fov_x_deg).expand(P, 3, 3).clone()
+        actions = latent_action_ids(c2w_lat, self.video.thresholds)
+        negative = negative_prompt if negative_prompt is not None else self.video.negative_prompt
+
+        with Stopwatch(self.device) as sw:
+            rgb = crop_resize_frames(frames[used], box, (H, W))
+            with torch.inference_mode():
+                ae = self.bundle.autoencoder
+                with self._resident(ae):
+                    z = ae.encode(to_video_tensor(rgb).to(_module_device(ae, self.device)))
+                z = z.to(self.device)
+                if z.shape[2] != P:
+                    raise InferError(f"reset_video: the autoencoder made {z.shape[2]} latents of {n} frames, expected {P}")
+                text, mask = self._encode_prompt(prompt)
+                neg, neg_mask = (None, None)
+                if self.rollout_cfg.guidance != 1.0 and self.rollout_cfg.uncond_text and negative is not None:
+                    neg, neg_mask = self._encode_prompt(negative)
+                state = self.rollout.start(z[:, :, 0], text, mask, neg_text=neg, neg_text_mask=neg_mask)
+                dev = self.device
+                self.rollout.extend(state, z, actions[None].to(dev), invert_rigid(c2w_lat).float()[None].to(dev),
+                                    K_lat.float()[None].to(dev))
+        self._state = state
+        self._generator = torch.Generator(device=self.device).manual_seed(int(self.cfg.seed if seed is None else seed))
+        self._reset_history()
+        self._c2w, self._K, self._actions = c2w_lat, K_lat.to(torch.float64), actions
+        self._image, self._K0 = rgb[0], K_lat[0].to(torch.float64)
+        self._prompt, self._negative_prompt = prompt, negative
+        self._seed = int(self.cfg.seed if seed is None else seed)
+        self._start = {"kind": "video", "input_frames": F, "frames": n, "latents": P, "camera": camera}
         self.reset_seconds = sw.seconds
         return rgb
 
@@ -341,6 +446,7 @@ class WorldPlayer:
             "seed": self._seed,
             "prompt": self._prompt,
             "negative_prompt": self._negative_prompt,
+            "start": dict(self._start),
             "autoencoder": {"kind": self.bundle.config["autoencoder"].get("kind"), "spatial_stride": self.bundle.autoencoder.spatial_stride,
                             "temporal_stride": self.temporal_stride, "latent_channels": self.bundle.autoencoder.latent_channels},
             "num_steps": self.rollout.num_steps,
