@@ -345,7 +345,10 @@ def worlddit_factory(model_section: Mapping[str, Any]) -> nn.Module:
     from models.config import WorldDiTConfig
     from models.dit import WorldDiT
 
-    return WorldDiT(_structured(WorldDiTConfig, model_section, f"{CONFIG} section 'model'"))
+    section = dict(model_section)
+    # Bundles written before the prediction switch existed were all trained as v-prediction.
+    section.setdefault("prediction", "v")
+    return WorldDiT(_structured(WorldDiTConfig, section, f"{CONFIG} section 'model'"))
 
 
 def _open_weights(directory: Path, name: str, meta: Mapping[str, Any], verify: bool):

@@ -36,6 +36,28 @@ class WorldDiTConfig:
     attn_backend: str = "auto"  # auto | sdpa | cudnn | flex | flash | masked (models/attention.py)
     grad_checkpointing: bool = False  # torch.utils.checkpoint (non-reentrant) around each block when training
     fuse: bool = True  # torch.compile the blocks' elementwise chains on CUDA (models/fused.py); eager on CPU
+    # What the output means (models/flow.py): "x0" the clean sample (x-prediction; measured better for
+    # pixel-patch latents, benchmarks/RESULTS.md "Issue 14") or "v" the velocity eps - x0 (HunyuanVideo's).
+    prediction: str = "x0"
+    # ---- HunyuanVideo-1.5's conditioning streams (all off in our presets; models/convert turns them on) ----
+    # With a vision or glyph stream the text input packs three streams along its tokens:
+    # [vision_tokens SigLIP slots | byt5_tokens ByT5 slots | LLM tokens], each zero-padded to text_dim
+    # channels, with one mask over all of them (models/text_encoders.pack_text_streams). Valid tokens keep
+    # that order and padding stays masked in place: the order and masking of the released model's text stream.
+    vision_dim: int = 0  # SigLIP token width (1152); 0 = no vision stream
+    vision_tokens: int = 729  # slots of the vision stream at the head of the text input
+    byt5_dim: int = 0  # ByT5 glyph token width (1472); 0 = no glyph stream
+    byt5_tokens: int = 256  # slots of the glyph stream after the vision slots
+    byt5_hidden: int = 2048  # width of the glyph mapper's two hidden layers
+    cond_type_embed: bool = False  # a learned vector per stream (0 LLM, 1 ByT5, 2 vision) added to its tokens
+    text_refiner_time: bool = False  # refiner modulation = pooled-text MLP + timestep MLP of the text noise level
+    # Noise level that modulates the text stream (refiner and the blocks' text AdaLN): "zero" (WorldPlay's AR
+    # models; the text is computed once per prompt and cached) or "video": the largest per-frame sigma of the
+    # call (HunyuanVideo-1.5, WorldPlay's bidirectional model; the text cannot be cached).
+    text_sigma: str = "zero"
+    # Text queries also attend to the video's (RoPE-branch) keys, i.e. joint attention over [video ; text]
+    # (HunyuanVideo-1.5, WorldPlay's bidirectional model). Bidirectional calls only; no text cache.
+    text_attends_video: bool = False
 
 
 PRESETS: dict[str, WorldDiTConfig] = {
@@ -65,10 +87,18 @@ PRESETS: dict[str, WorldDiTConfig] = {
         text_dim=3584, text_refiner_depth=2,
     ),
 }
+# The released HunyuanVideo-1.5 / HY-WorldPlay checkpoints (models/convert): ``hy15`` plus the SigLIP vision
+# projection (729 x 1152), the ByT5 glyph mapper (256 x 1472), the stream-type embedding and the refiner's
+# timestep MLP, v-prediction; text modulated at sigma 0 and attending to text only (WorldPlay's AR models).
+# Their bidirectional model and HunyuanVideo-1.5 itself add ``text_sigma="video"``, ``text_attends_video=True``.
+PRESETS["hy15_released"] = replace(
+    PRESETS["hy15"], vision_dim=1152, vision_tokens=729, byt5_dim=1472, byt5_tokens=256, byt5_hidden=2048,
+    cond_type_embed=True, text_refiner_time=True, prediction="v",
+)
 
 
 def preset(name: str) -> WorldDiTConfig:
-    """A fresh copy of the named preset (tiny | small | base | hy15)."""
+    """A fresh copy of the named preset (tiny | small | base | hy15 | hy15_released)."""
     if name not in PRESETS:
         raise KeyError(f"unknown WorldDiT preset {name!r}; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[name]

@@ -15,9 +15,9 @@ Conventions and choices (deviations from the brief are listed here):
   Conditioning for a disabled branch (``actions`` with ``action=False``, ``w2c`` with
   ``camera=False``) is ignored, so every ablation runs on the same batches.
 * ``w2c`` given without ``K`` is an error (the projection needs intrinsics).
-* ``cond_mask=None`` flags the latents whose temporal position is 0, i.e. latent 0 of a plain clip
-  and the anchor's first latent after temporal reframing; chunks generated later (positions > 0)
-  get no image. Pass ``cond_mask`` explicitly to override.
+* ``image_latent`` needs ``cond_mask`` [B, T]: which latents carry the image in the conditioning
+  channels. The one definition of that slot is ``models.layout.image_slots`` (video latent 0), used
+  by the training stages and the rollout sampler alike; the network never guesses it.
 * ``patch[0]`` (temporal patch) must be 1: merging latents would merge their noise levels, actions
   and cameras, which the per-frame design forbids.
 * With ``cache``, text comes from the cache (passing ``text`` raises); the default ``t_pos``
@@ -39,7 +39,9 @@ from torch.utils.checkpoint import checkpoint
 from models.attention import BACKENDS, MaskSpec
 from models.blocks import DoubleStreamBlock, FinalLayer, FrameLayout
 from models.config import WorldDiTConfig
+from models.flow import PREDICTIONS
 from models.embeddings import ActionEmbedder, PatchEmbed, TextEmbedder, TimestepEmbedder, unpatchify
+from models.embeddings import GlyphMapper, VisionProjection
 from models.kv_cache import KVCache, LayerKV
 from models.prope import identity_cameras, projection_matrices
 from models.rope import rope_tables
@@ -62,6 +64,8 @@ def validate_config(cfg: WorldDiTConfig) -> None:
         bad("patch", "temporal patch must be 1 (each latent frame carries its own noise level, action and camera)")
     if cfg.camera and cfg.head_dim % 4:
         bad("head_dim", f"{cfg.head_dim} must be a multiple of 4 for the PRoPE branch (camera=True)")
+    if cfg.prediction not in PREDICTIONS:
+        bad("prediction", f"{cfg.prediction!r} is not one of {PREDICTIONS}")
     if cfg.attn_backend not in BACKENDS:
         bad("attn_backend", f"{cfg.attn_backend!r} is not one of {BACKENDS}")
     for f in ("latent_channels", "depth", "heads", "num_actions"):
@@ -69,6 +73,18 @@ def validate_config(cfg: WorldDiTConfig) -> None:
             bad(f, f"must be >= 1, got {getattr(cfg, f)}")
     if cfg.text_dim < 0 or cfg.text_refiner_depth < 0:
         bad("text_dim", "text_dim and text_refiner_depth must be >= 0")
+    for f in ("vision_dim", "byt5_dim"):
+        if getattr(cfg, f) < 0 or getattr(cfg, f) > cfg.text_dim:
+            bad(f, f"{getattr(cfg, f)} must lie in [0, text_dim={cfg.text_dim}] (its tokens are packed into the text input)")
+    for f, on in (("vision_tokens", cfg.vision_dim), ("byt5_tokens", cfg.byt5_dim), ("byt5_hidden", cfg.byt5_dim)):
+        if on and getattr(cfg, f) < 1:
+            bad(f, f"must be >= 1 when its stream is on, got {getattr(cfg, f)}")
+    if cfg.text_sigma not in ("zero", "video"):
+        bad("text_sigma", f"{cfg.text_sigma!r} is not one of ('zero', 'video')")
+    if cfg.text_dim == 0 and (cfg.vision_dim or cfg.byt5_dim or cfg.cond_type_embed or cfg.text_refiner_time
+                              or cfg.text_attends_video):
+        bad("text_dim", "the text streams (vision_dim, byt5_dim, cond_type_embed, text_refiner_time, "
+                        "text_attends_video) need a text stream (text_dim > 0)")
 
 
 def _chunk_segments(frames: int, tokens: int, chunk_size: int | None, first_chunk: int = 0) -> list[tuple[int, int]]:
@@ -94,9 +110,17 @@ class WorldDiT(nn.Module):
         self.time_embed = TimestepEmbedder(cfg.hidden)
         self.action_embed = ActionEmbedder(cfg.hidden, cfg.num_actions) if cfg.action else None
         self.text_embed = (
-            TextEmbedder(cfg.text_dim, cfg.hidden, cfg.heads, cfg.text_refiner_depth, cfg.mlp_ratio, cfg.qkv_bias)
+            TextEmbedder(cfg.text_dim, cfg.hidden, cfg.heads, cfg.text_refiner_depth, cfg.mlp_ratio, cfg.qkv_bias,
+                         time=cfg.text_refiner_time)
             if cfg.text_dim > 0 else None
         )
+        # HunyuanVideo-1.5's other conditioning streams, built only when the config asks for them.
+        if cfg.vision_dim:
+            self.vision_embed = VisionProjection(cfg.vision_dim, cfg.hidden)
+        if cfg.byt5_dim:
+            self.byt5_embed = GlyphMapper(cfg.byt5_dim, cfg.byt5_hidden, cfg.hidden)
+        if cfg.cond_type_embed:
+            self.cond_type = nn.Embedding(3, cfg.hidden)  # 0 LLM, 1 ByT5, 2 vision
         self.blocks = nn.ModuleList(
             DoubleStreamBlock(cfg.hidden, cfg.heads, cfg.head_dim, cfg.mlp_ratio, text=cfg.text_dim > 0,
                               camera=cfg.camera, qk_norm=cfg.qk_norm, qkv_bias=cfg.qkv_bias)
@@ -135,6 +159,11 @@ class WorldDiT(nn.Module):
         for m in zero:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+        if getattr(self.text_embed, "time", None) is not None:
+            nn.init.normal_(self.text_embed.time.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.text_embed.time.mlp[2].weight, std=0.02)
+        if self.cfg.cond_type_embed:
+            nn.init.zeros_(self.cond_type.weight)  # adding the stream types changes nothing at initialisation
 
     def new_cache(self) -> KVCache:
         """An empty KV cache for chunk-wise generation."""
@@ -161,6 +190,8 @@ class WorldDiT(nn.Module):
                 raise ValueError(f"WorldDiT: {name} must be an integer tensor, got {t.dtype}")
         if image_latent is not None and not self.cfg.i2v:
             raise ValueError("WorldDiT: image_latent given but the config has i2v=False")
+        if image_latent is not None and cond_mask is None:
+            raise ValueError("WorldDiT: image_latent needs cond_mask [B, T] (the image's slot: models.layout.image_slots)")
         if w2c is not None and K is None and self.cfg.camera:
             raise ValueError("WorldDiT: w2c given without K (normalised intrinsics [B, T, 3, 3])")
 
@@ -172,8 +203,7 @@ class WorldDiT(nn.Module):
         if image_latent is None:
             zeros = x.new_zeros(B, C + 1, T, H, W)
             return torch.cat([x, zeros], dim=1)
-        flag = (t_pos == 0) if cond_mask is None else cond_mask.bool()
-        m = flag.to(x.dtype)[:, None, :, None, None]  # [B, 1, T, 1, 1]
+        m = cond_mask.bool().to(x.dtype)[:, None, :, None, None]  # [B, 1, T, 1, 1]
         cond = image_latent.to(x.dtype)[:, :, None] * m
         return torch.cat([x, cond, m.expand(B, 1, T, H, W)], dim=1)
 
@@ -193,9 +223,14 @@ class WorldDiT(nn.Module):
             return identity_cameras(B, T, device)
         return projection_matrices(w2c, K)
 
-    def _text_vec(self, B: int, device: torch.device) -> Tensor:
-        """Text-stream modulation [B, D]: the time embedding at sigma = 0, independent of the video."""
-        return self.time_embed(torch.zeros(B, device=device))
+    def _text_vec(self, B: int, device: torch.device, sigma: Tensor | None = None) -> Tensor:
+        """Text-stream modulation [B, D]: the time embedding at sigma = 0, independent of the video (or at
+        ``sigma`` [B], the text's noise level under ``text_sigma="video"``)."""
+        return self.time_embed(torch.zeros(B, device=device) if sigma is None else sigma.float())
+
+    def _text_sigma(self, sigma: Tensor) -> Tensor | None:
+        """The text stream's noise level [B] (``text_sigma="video"``: the call's largest per-frame sigma), or None (0)."""
+        return sigma.float().amax(dim=1) if self.cfg.text_sigma == "video" else None
 
     def _text_spec(self, L: int, text_mask: Tensor | None) -> MaskSpec:
         return MaskSpec(((L, -1),), ((L, -1),), False, text_mask, text_mask)
@@ -295,8 +330,8 @@ class WorldDiT(nn.Module):
             if text is not None and text.shape[1] == 0:
                 text, text_mask = None, None
             if text is not None:
-                txt, text_spec = self._embed_text(text, text_mask)
-                txt_vec = self._text_vec(B, dev)
+                txt, text_spec = self._embed_text(text, text_mask, self._text_sigma(sigma))
+                txt_vec = self._text_vec(B, dev, self._text_sigma(sigma))
             text_len, tmask = (0, None) if text is None else (text.shape[1], text_mask)
 
         if fill == "context":  # keys [text ; context], block-causal or full among context chunks
@@ -315,6 +350,8 @@ class WorldDiT(nn.Module):
             own = _chunk_segments(T, N, chunk_size)
             spec = self._video_spec(text_len, tmask, [], own, chunk_size is not None, self._spec_memo)
         layout = FrameLayout(T, N, cos, sin, P, P_inv, spec, text_spec, backend, self.cfg.fuse)
+        if self.cfg.text_attends_video and txt is not None:
+            layout.joint_spec = self._joint_spec(text_len, tmask, T * N, chunk_size)
         if cache is not None and fill is None:
             cache.room = max(cache.room, T * N)  # later context fills leave room for chunks this long
 
@@ -339,7 +376,8 @@ class WorldDiT(nn.Module):
         out = unpatchify(self.final(vid, vec, T, self.cfg.fuse), T, h, w, ph, pw)
         return out.to(x.dtype)
 
-    def _embed_text(self, text: Tensor, text_mask: Tensor | None) -> tuple[Tensor, MaskSpec]:
+    def _embed_text(self, text: Tensor, text_mask: Tensor | None,
+                    text_sigma: Tensor | None = None) -> tuple[Tensor, MaskSpec]:
         if self.text_embed is None:
             raise ValueError("WorldDiT: text given but the config has text_dim=0")
         if text.dim() != 3 or text.shape[-1] != self.cfg.text_dim:
@@ -348,11 +386,58 @@ class WorldDiT(nn.Module):
             raise ValueError(f"WorldDiT: text_mask must be bool {list(text.shape[:2])}, got {text_mask.dtype} "
                              f"{tuple(text_mask.shape)}")
         spec = self._text_spec(text.shape[1], text_mask)
-        return self.text_embed(text, text_mask, spec, self.cfg.attn_backend), spec
+        if self.cfg.vision_dim or self.cfg.byt5_dim or self.cfg.cond_type_embed:
+            return self._embed_streams(text, text_mask, text_sigma), spec
+        return self.text_embed(text, text_mask, spec, self.cfg.attn_backend, text_sigma), spec
+
+    def _embed_streams(self, text: Tensor, text_mask: Tensor | None, text_sigma: Tensor | None) -> Tensor:
+        """Packed streams [B, V + G + L, text_dim] ([vision | ByT5 | LLM] slots) -> tokens [B, V + G + L, hidden].
+
+        Vision slots go through the SigLIP projection (their first vision_dim channels), ByT5 slots through the
+        glyph mapper (first byt5_dim channels), LLM tokens through the refiner (pooled and attending over the
+        LLM tokens only); each stream adds its type embedding. Padding tokens come out zero.
+        """
+        cfg = self.cfg
+        V = cfg.vision_tokens if cfg.vision_dim else 0
+        G = cfg.byt5_tokens if cfg.byt5_dim else 0
+        B, L, _ = text.shape
+        if L < V + G:
+            raise ValueError(f"WorldDiT: packed text has {L} tokens, fewer than the {V} vision + {G} ByT5 slots "
+                             f"(models/text_encoders.pack_text_streams lays them out)")
+        llm, llm_mask = text[:, V + G:], None if text_mask is None else text_mask[:, V + G:]
+        parts = []
+        if V:
+            parts.append((self.vision_embed(text[:, :V, :cfg.vision_dim]), 2))
+        if G:
+            parts.append((self.byt5_embed(text[:, V:V + G, :cfg.byt5_dim]), 1))
+        if llm.shape[1]:
+            spec = self._text_spec(llm.shape[1], llm_mask)
+            parts.append((self.text_embed(llm, llm_mask, spec, cfg.attn_backend, text_sigma), 0))
+        out = []
+        for tokens, kind in parts:
+            if cfg.cond_type_embed:
+                tokens = tokens + self.cond_type.weight[kind].to(tokens.dtype)
+            out.append(tokens)
+        txt = torch.cat(out, dim=1)
+        return txt if text_mask is None else txt * text_mask[..., None].to(txt.dtype)
+
+    def _joint_spec(self, text_len: int, text_mask: Tensor | None, video_len: int, chunk_size: int | None) -> MaskSpec:
+        """Text queries vs [text ; video] keys, all visible (text_attends_video); padding hidden by ``text_mask``."""
+        if chunk_size is not None:
+            raise ValueError("WorldDiT: text_attends_video=True is bidirectional only (chunk_size must be None): "
+                             "text that saw later chunks would leak them into earlier ones")
+        k_valid = None
+        if text_mask is not None:
+            k_valid = torch.cat([text_mask.bool(), text_mask.new_ones(text_mask.shape[0], video_len, dtype=torch.bool)], 1)
+        return MaskSpec(((text_len, 0),), ((text_len, -1), (video_len, 0)), False, k_valid, text_mask)
 
     def _fill_text(self, cache: KVCache | None, text: Tensor | None, text_mask: Tensor | None) -> None:
         if cache is None:
             raise ValueError("WorldDiT.fill_text_cache: no cache given")
+        if text is not None and text.shape[1] and (self.cfg.text_sigma != "zero" or self.cfg.text_attends_video):
+            raise ValueError("WorldDiT.fill_text_cache: this model's text stream depends on the video "
+                             f"(text_sigma={self.cfg.text_sigma!r}, text_attends_video={self.cfg.text_attends_video}); "
+                             "pass the text to every forward call instead (bidirectional / window sampling)")
         if text is None or text.shape[1] == 0:
             cache.clear()
             return None
@@ -421,7 +506,7 @@ class WorldDiT(nn.Module):
             rest = slice(reuse, None)
             self(x[:, :, rest], sigma[:, rest], actions=None if actions is None else actions[:, rest],
                  w2c=None if w2c is None else w2c[:, rest], K=None if K is None else K[:, rest], t_pos=t_pos[:, rest],
-                 image_latent=image_latent, cond_mask=(t_pos[:, rest] == 0) if cond_mask is None else cond_mask[:, rest],
+                 image_latent=image_latent, cond_mask=None if cond_mask is None else cond_mask[:, rest],
                  chunk_size=chunk_size, cache=cache, fill="extend")
             return cache
         cache.clear_context()

@@ -21,8 +21,8 @@ half the horizontal / vertical FOV (roll is ignored, as in WorldPlay). The small
 The context is then *reframed*: the sorted context latents get contiguous temporal positions
 0..M-1 and the new latents M..M+C-1, so RoPE never sees a position beyond the training window.
 
-Training (mid-train, distillation teachers) builds its samples with :func:`memory_layout` and
-:func:`window_memory_layout`, the same code the rollout sampler uses at inference.
+Training and sampling build their sequences from this rule in one place, ``models.layout``
+(:func:`~models.layout.chunk_layout`, :func:`~models.layout.teacher_layout`).
 """
 
 from __future__ import annotations
@@ -47,8 +47,6 @@ __all__ = [
     "select_context",
     "select_window_context",
     "reframe_positions",
-    "memory_layout",
-    "window_memory_layout",
 ]
 
 
@@ -308,71 +306,6 @@ def reframe_positions(context_idx: Tensor, num_new: int) -> tuple[Tensor, Tensor
     ctx = torch.arange(M, device=dev).expand(*batch, M)
     new = torch.arange(M, M + num_new, device=dev).expand(*batch, num_new)
     return ctx, new
-
-
-# ----------------------------------------------------------------------------------------------
-# Training layouts
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MemoryLayout:
-    """Which latents of a clip form one memory sample, and their reframed positions.
-
-    ``indices`` [..., M + W] (context first, sorted, then the target latents) gathers the sample
-    from a clip; ``positions`` [..., M + W] are its temporal RoPE positions; ``target_mask``
-    [M + W] marks the target latents (the loss mask of a memory sample).
-    """
-
-    context_idx: Tensor
-    target_idx: Tensor
-    context_pos: Tensor
-    target_pos: Tensor
-
-    @property
-    def indices(self) -> Tensor:
-        return torch.cat([self.context_idx, self.target_idx], dim=-1)
-
-    @property
-    def positions(self) -> Tensor:
-        return torch.cat([self.context_pos, self.target_pos], dim=-1)
-
-    @property
-    def target_mask(self) -> Tensor:
-        M, W = self.context_idx.shape[-1], self.target_idx.shape[-1]
-        return torch.arange(M + W, device=self.context_idx.device) >= M
-
-
-def memory_layout(c2w: Tensor, target_start: int, cfg: MemoryConfig, num_new: int | None = None) -> MemoryLayout:
-    """AR memory sample of a clip with latent poses c2w [..., T, 4, 4]: context for the chunk at ``target_start``.
-
-    Uses exactly the selection the rollout uses, on ground-truth poses (WorldPlay §5.4: the context
-    for target latents [target_start, target_start + num_new) comes from latents before it).
-    """
-    num_new = cfg.chunk_size if num_new is None else num_new
-    T = c2w.shape[-3]
-    if target_start < 0 or target_start + num_new > T:
-        raise ValueError(
-            f"memory_layout: target [{target_start}, {target_start + num_new}) outside the clip of {T} latents"
-        )
-    ctx = select_context(c2w[..., :target_start, :, :], c2w[..., target_start : target_start + num_new, :, :], cfg)
-    tgt = torch.arange(target_start, target_start + num_new, device=c2w.device).expand(*ctx.shape[:-1], num_new)
-    ctx_pos, tgt_pos = reframe_positions(ctx, num_new)
-    return MemoryLayout(ctx, tgt, ctx_pos, tgt_pos)
-
-
-def window_memory_layout(c2w: Tensor, window_start: int, window_latents: int, cfg: MemoryConfig) -> MemoryLayout:
-    """Bidirectional memory sample of a clip c2w [T, 4, 4]: the window and its union context (teacher layout)."""
-    T = c2w.shape[-3]
-    if window_start < 0 or window_start + window_latents > T:
-        raise ValueError(
-            f"window_memory_layout: window [{window_start}, {window_start + window_latents}) "
-            f"outside the clip of {T} latents"
-        )
-    ctx = select_window_context(c2w[:window_start], c2w[window_start : window_start + window_latents], cfg)
-    tgt = torch.arange(window_start, window_start + window_latents, device=c2w.device)
-    ctx_pos, tgt_pos = reframe_positions(ctx, window_latents)
-    return MemoryLayout(ctx, tgt, ctx_pos, tgt_pos)
 
 
 def _check_poses(c2w: Tensor, name: str) -> None:

@@ -53,8 +53,11 @@ import torch
 from torch import Tensor, nn
 
 from data.geometry import invert_rigid
-from models.flow import add_noise, cfg_combine, euler_step, sampling_sigmas, x0_from_velocity
-from models.memory import MemoryConfig, reframe_positions, select_context, select_window_context
+from models.flow import (
+    add_noise, cfg_combine, euler_step, output_to_velocity, output_to_x0, prediction_of, sampling_sigmas,
+)
+from models.layout import Layout, chunk_layout, pin_image, teacher_layout
+from models.memory import MemoryConfig
 
 __all__ = [
     "RolloutConfig",
@@ -175,6 +178,7 @@ class ChunkRecord:
     exit_step: int  # index of the last model call (n - 1 unless stopped early)
     trajectory: Trajectory | None = None
     context_reused: int = 0  # leading context latents whose cached K/V were kept instead of re-encoded
+    pinned: Tensor | None = None  # [B, L] bool: latents that are the conditioning image (never trained on)
 
 
 @dataclass
@@ -231,16 +235,32 @@ class ChunkContext:
     """
 
     start: int
+    layout: Layout  # [context | new] slots, built by models.layout (the layout training uses)
     actions: Tensor  # [B, L] of the new latents
     w2c: Tensor
     K: Tensor
-    positions: Tensor  # [B, L]
-    cond_mask: Tensor | None  # [B, L]
-    context_idx: Tensor  # [B, M]
-    context_pos: Tensor  # [B, M]
+    pinned: Tensor | None  # [B, L] bool: new latents that are the conditioning image (None: no image)
     caches: dict[str, Any] = field(default_factory=dict)
-    window_context: dict[str, Tensor] | None = None
-    reused: int = 0  # context latents kept from the previous fill (the smallest over branches)  # window mode: x, sigma, actions, w2c, K, t_pos, cond_mask
+    window_context: dict[str, Tensor] | None = None  # window mode: x, sigma, actions, w2c, K, t_pos, cond_mask
+    reused: int = 0  # context latents kept from the previous fill (the smallest over branches)
+
+    @property
+    def positions(self) -> Tensor:
+        """[B, L] temporal positions of the new latents."""
+        return self.layout.new_pos
+
+    @property
+    def context_idx(self) -> Tensor:
+        return self.layout.context_idx
+
+    @property
+    def context_pos(self) -> Tensor:
+        return self.layout.context_pos
+
+    @property
+    def cond_mask(self) -> Tensor | None:
+        """[B, L] latents that get the image in the conditioning channels (the pinned ones)."""
+        return self.pinned
 
 
 class Rollout:
@@ -258,6 +278,7 @@ class Rollout:
         self.cfg = cfg
         self.noise_fn = noise_fn or gaussian_noise
         self._sigmas: dict[torch.device, Tensor] = {}
+        self._prediction: str | None = None
 
     # ------------------------------------------------------------------ schedule
     def sigmas(self, device: torch.device | str | None = None) -> Tensor:
@@ -352,17 +373,15 @@ class Rollout:
         c2w_past = invert_rigid(state.w2c.float())
         c2w_new = invert_rigid(w2c.float())
         if cfg.mode == "ar":
-            ctx_idx = select_context(c2w_past, c2w_new, cfg.memory)  # [B, M]
+            layout = chunk_layout(c2w_past, c2w_new, cfg.memory)
         else:
-            ctx_idx = self._window_context_idx(c2w_past, c2w_new)
-        ctx_pos, new_pos = reframe_positions(ctx_idx, L)
-        cond_mask = None
-        if state.image_latent is not None:
-            cond_mask = (torch.arange(N, N + L, device=dev) == 0).expand(B, L)
-        ctx = ChunkContext(N, actions, w2c, K, new_pos, cond_mask, ctx_idx, ctx_pos)
+            layout = self._window_layout(c2w_past, c2w_new)
+        has_image = state.image_latent is not None
+        M = layout.num_context
+        pinned = layout.image_mask[:, M:] if has_image else None
+        ctx = ChunkContext(N, layout, actions, w2c, K, pinned)
 
-        M = ctx_idx.shape[-1]
-        g = ctx_idx.to(dev)
+        g = layout.context_idx.to(dev)
         hist = state.latents
         x_ctx = hist.gather(2, g[:, None, :, None, None].expand(-1, hist.shape[1], -1, *hist.shape[3:]))
         if cfg.detach_context:
@@ -370,8 +389,9 @@ class Rollout:
         a_ctx = state.actions.gather(1, g)
         w_ctx = state.w2c.gather(1, g[..., None, None].expand(-1, -1, 4, 4))
         k_ctx = state.K.gather(1, g[..., None, None].expand(-1, -1, 3, 3))
-        s_ctx = torch.full((B, M), cfg.context_sigma, device=dev)
-        m_ctx = (g == 0) if state.image_latent is not None else None
+        s_ctx = layout.sigmas(0.0, cfg.context_sigma)[:, :M]  # the clean tag; 0 on the image slot
+        m_ctx = layout.image_mask[:, :M] if has_image else None
+        ctx_idx, ctx_pos = layout.context_idx, layout.context_pos
         if cfg.mode == "window":
             ctx.window_context = dict(
                 x=x_ctx, sigma=s_ctx, actions=a_ctx, w2c=w_ctx, K=k_ctx, t_pos=ctx_pos, cond_mask=m_ctx
@@ -418,15 +438,54 @@ class Rollout:
         lead = int(same.int().cumprod(0).sum())
         return lead - lead % cfg.chunk_size
 
-    def velocity(self, state: RolloutState, ctx: ChunkContext, x: Tensor, sigma: Tensor) -> Tensor:
-        """Guided velocity [B, C, L, h, w] of the new latents x at noise level sigma (scalar or [B, L])."""
-        B, _, L = x.shape[:3]
-        sig = sigma.expand(B, L) if sigma.ndim < 2 else sigma
-        v = self._branch_velocity(state, ctx, "cond", x, sig)
+    @property
+    def prediction(self) -> str:
+        """What the model's raw output means ("v" or "x0", models/flow.py)."""
+        if self._prediction is None:
+            self._prediction = prediction_of(self.model)
+        return self._prediction
+
+    def chunk_sigma(self, ctx: ChunkContext, sigma: Tensor | float, batch: int, length: int) -> Tensor:
+        """σ [B, L] of the new latents: ``sigma`` (scalar or [B, L]) with 0 on the pinned image latent."""
+        dev = ctx.actions.device
+        sig = torch.as_tensor(sigma, dtype=torch.float32, device=dev)
+        sig = sig.expand(batch, length) if sig.ndim < 2 else sig
+        if ctx.pinned is None:
+            return sig
+        return torch.where(ctx.pinned.to(dev), torch.zeros((), device=dev), sig)
+
+    def output(self, state: RolloutState, ctx: ChunkContext, x: Tensor, sigma: Tensor) -> Tensor:
+        """The model's raw guided output [B, C, L, h, w] for new latents x at σ [B, L] (see :meth:`chunk_sigma`).
+
+        Guidance combines raw outputs: for fixed (x, σ) both readings (v and x0) are affine in the
+        output, so combining either gives the same guided velocity and x̂0.
+        """
+        out = self._branch_output(state, ctx, "cond", x, sigma)
         if self.cfg.guidance != 1.0:
-            v_u = self._branch_velocity(state, ctx, "uncond", x, sig)
-            v = cfg_combine(v, v_u, self.cfg.guidance)
-        return v
+            out_u = self._branch_output(state, ctx, "uncond", x, sigma)
+            out = cfg_combine(out, out_u, self.cfg.guidance)
+        return out
+
+    def predict(self, state: RolloutState, ctx: ChunkContext, x: Tensor, sigma: Tensor | float) -> tuple[Tensor, Tensor]:
+        """Guided (velocity, x̂0), each [B, C, L, h, w], of the new latents x at σ (scalar or [B, L]).
+
+        The model's output is read through its prediction parameterisation (models/flow.py); the
+        pinned image latent comes out as the image exactly, with zero velocity.
+        """
+        B, _, L = x.shape[:3]
+        sig = self.chunk_sigma(ctx, sigma, B, L)
+        x = pin_image(x, ctx.pinned, state.image_latent) if ctx.pinned is not None else x
+        out = self.output(state, ctx, x, sig)
+        x0 = output_to_x0(out, x, sig, self.prediction)
+        v = output_to_velocity(out, x, sig, self.prediction)
+        if ctx.pinned is not None:
+            x0 = pin_image(x0, ctx.pinned, state.image_latent)
+            v = torch.where(ctx.pinned.to(v.device)[:, None, :, None, None], torch.zeros((), device=v.device, dtype=v.dtype), v)
+        return v, x0
+
+    def velocity(self, state: RolloutState, ctx: ChunkContext, x: Tensor, sigma: Tensor | float) -> Tensor:
+        """Guided velocity [B, C, L, h, w] of the new latents x at noise level sigma (scalar or [B, L])."""
+        return self.predict(state, ctx, x, sigma)[0]
 
     def step(
         self,
@@ -472,26 +531,29 @@ class Rollout:
             )
 
         x = noise(0)
+        if ctx.pinned is not None:  # the image latent enters clean (σ = 0), as in training
+            x = pin_image(x, ctx.pinned, state.image_latent)
         xs, vs, x0s = [], [], []
         for k in range(exit_step + 1):
             with torch.set_grad_enabled(keep_grad or (grad_step is not None and k >= grad_step)):
-                v = self.velocity(state, ctx, x, sig[k])
-                x0 = x0_from_velocity(x, v, sig[k])
+                s_k = self.chunk_sigma(ctx, sig[k], B, L)
+                v, x0 = self.predict(state, ctx, x, s_k)
                 if return_trajectory:
                     xs.append(x)
                     vs.append(v)
                     x0s.append(x0)
                 if k == exit_step:
                     break
+                s_next = self.chunk_sigma(ctx, sig[k + 1], B, L)
                 if self.cfg.use_renoise:
-                    x = add_noise(x0, noise(k + 1), sig[k + 1])
+                    x = add_noise(x0, noise(k + 1), s_next)
                 else:
-                    x = euler_step(x, v, sig[k], sig[k + 1])
+                    x = euler_step(x, v, s_k, s_next)
         traj = None
         if return_trajectory:
             traj = Trajectory(torch.stack(xs), sig[: exit_step + 1], torch.stack(vs), torch.stack(x0s))
         record = ChunkRecord(ctx.start, x0, ctx.context_idx, ctx.context_pos, ctx.positions, sig, exit_step, traj,
-                             context_reused=ctx.reused)
+                             context_reused=ctx.reused, pinned=ctx.pinned)
         if commit:
             self._append(state, x0, actions, w2c, K)
             state.chunks.append(record)
@@ -579,7 +641,7 @@ class Rollout:
         if clear is not None:
             clear()
 
-    def _branch_velocity(self, state: RolloutState, ctx: ChunkContext, branch: str, x: Tensor, sigma: Tensor) -> Tensor:
+    def _branch_output(self, state: RolloutState, ctx: ChunkContext, branch: str, x: Tensor, sigma: Tensor) -> Tensor:
         actions, w2c = self._branch_cameras(branch, ctx.actions, ctx.w2c)
         if self.cfg.mode == "ar":
             return self.model(
@@ -601,16 +663,16 @@ class Rollout:
         )
         return v[:, :, M:]
 
-    def _window_context_idx(self, c2w_past: Tensor, c2w_new: Tensor) -> Tensor:
-        """Per-sample window memory [B, M]; samples must agree on M (the union size depends on poses)."""
-        idx = [select_window_context(c2w_past[b], c2w_new[b], self.cfg.memory) for b in range(c2w_past.shape[0])]
-        sizes = {int(i.numel()) for i in idx}
+    def _window_layout(self, c2w_past: Tensor, c2w_new: Tensor) -> Layout:
+        """Per-sample teacher layouts stacked [B, M + W]; samples must agree on M (the union size depends on poses)."""
+        lays = [teacher_layout(c2w_past[b], c2w_new[b], self.cfg.memory) for b in range(c2w_past.shape[0])]
+        sizes = sorted({lay.num_context for lay in lays})
         if len(sizes) > 1:
             raise ValueError(
-                f"window mode: the batch's memories have different sizes {sorted(sizes)} (the union of retrieved "
+                f"window mode: the batch's memories have different sizes {sizes} (the union of retrieved "
                 "chunks depends on each trajectory); roll such trajectories out with batch size 1"
             )
-        return torch.stack(idx)
+        return Layout(torch.cat([lay.indices for lay in lays]), torch.cat([lay.positions for lay in lays]), sizes[0])
 
     def _check_cond(self, state: RolloutState, actions: Tensor, w2c: Tensor, K: Tensor, what: str) -> int:
         B = state.batch

@@ -47,7 +47,7 @@ def inputs(cfg, T: int = T, text: int = L, seed: int = 0) -> tuple[torch.Tensor,
     kw = dict(actions=torch.randint(0, cfg.num_actions, (B, T), generator=g), w2c=w2c,
               K=torch.tensor([[0.9, 0, 0], [0, 1.6, 0], [0, 0, 1.0]]).repeat(B, T, 1, 1),
               text=torch.randn(B, text, cfg.text_dim, generator=g) if text else None,
-              image_latent=torch.randn(B, C, H, W, generator=g))
+              image_latent=torch.randn(B, C, H, W, generator=g), cond_mask=(torch.arange(T) == 0).expand(B, T))
     return torch.randn(B, C, T, H, W, generator=g), torch.rand(B, T, generator=g), kw
 
 
@@ -109,7 +109,7 @@ def test_cache_fills_and_cached_step_match_counter():
     Tc = 6
     cache = model.new_cache()
     ctx = dict(x=x[:, :, :Tc], sigma=sigma[:, :Tc], actions=kw["actions"][:, :Tc], w2c=kw["w2c"][:, :Tc],
-               K=kw["K"][:, :Tc], image_latent=kw["image_latent"])
+               K=kw["K"][:, :Tc], image_latent=kw["image_latent"], cond_mask=kw["cond_mask"][:, :Tc])
     with torch.no_grad():
         text = counted(lambda: model.fill_text_cache(cache, kw["text"]))
         assert text == pytest.approx(worlddit_flops(cfg, batch=B, frames=0, height=H, width=W, text=L, fill="text").forward, rel=REL)
@@ -118,7 +118,8 @@ def test_cache_fills_and_cached_step_match_counter():
             f = worlddit_flops(cfg, batch=B, frames=Tc, height=H, width=W, text=L, chunk=2 if causal else None, fill="context")
             assert n == pytest.approx(matmul_part(f)[0], rel=REL)
         step = counted(lambda: model(x[:, :, Tc:], sigma[:, Tc:], actions=kw["actions"][:, Tc:], w2c=kw["w2c"][:, Tc:],
-                                     K=kw["K"][:, Tc:], image_latent=kw["image_latent"], cache=cache, chunk_size=2))
+                                     K=kw["K"][:, Tc:], image_latent=kw["image_latent"], cond_mask=kw["cond_mask"][:, Tc:],
+                                     cache=cache, chunk_size=2))
     f = worlddit_flops(cfg, batch=B, frames=T - Tc, height=H, width=W, text=L, chunk=2, context=Tc)
     assert step == pytest.approx(matmul_part(f)[0], rel=REL)
 

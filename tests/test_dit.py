@@ -10,6 +10,7 @@ import torch
 from data.geometry import invert_rigid, make_pose, rotation_x, rotation_y
 from models.config import WorldDiTConfig, preset
 from models.dit import WorldDiT
+from models.layout import image_slots
 from model_helpers import randomize
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -44,6 +45,7 @@ def inputs(T: int = 6, seed: int = 0, text: bool = True) -> dict:
         w2c=random_w2c(T, seed + 1),
         K=Kn,
         image_latent=torch.randn(B, C, H, W, generator=g),
+        cond_mask=image_slots(torch.arange(T)).expand(B, T),  # latent 0 holds the image
     )
     if text:
         mask = torch.ones(B, L, dtype=torch.bool)

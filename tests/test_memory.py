@@ -12,12 +12,10 @@ from models.memory import (
     chunk_distances,
     context_size,
     fov_overlap,
-    memory_layout,
     overlap_points,
     reframe_positions,
     select_context,
     select_window_context,
-    window_memory_layout,
 )
 
 
@@ -189,15 +187,17 @@ def test_selection_is_batched_and_sorted():
 
 
 def test_positions_stay_in_the_training_window():
+    from models.layout import chunk_layout
+
     cfg = MemoryConfig()
     c2w = walk([(200, 0.3, 7.0)])
     for cur in range(4, 200, 4):
-        lay = memory_layout(c2w, cur, cfg)
+        lay = chunk_layout(c2w[None, :cur], c2w[None, cur : cur + 4], cfg)
         assert lay.positions.max() <= cfg.max_context + cfg.chunk_size - 1
-        assert torch.equal(lay.positions, torch.arange(lay.indices.numel()))
-        assert torch.equal(lay.target_idx, torch.arange(cur, cur + 4))
+        assert torch.equal(lay.positions[0], torch.arange(lay.length))
+        assert torch.equal(lay.new_idx[0], torch.arange(cur, cur + 4))
         assert (lay.context_idx < cur).all()
-        assert lay.target_mask.sum() == 4 and lay.target_mask[-4:].all()
+        assert lay.new_mask.sum() == 4 and lay.new_mask[0, -4:].all()
     ctx, new = reframe_positions(torch.tensor([0, 1, 2, 3, 28, 29, 30, 31, 40, 41]), 4)
     assert ctx.tolist() == list(range(10)) and new.tolist() == [10, 11, 12, 13]
 
@@ -214,8 +214,10 @@ def test_window_context_is_union_minus_window():
         expect |= set(select_context(c2w[:cur], c2w[cur : cur + 4], cfg).tolist())
     assert set(ctx.tolist()) == {i for i in expect if i < 80}
     assert set(range(68, 80)) <= set(ctx.tolist())  # the first sub-window's temporal memory
-    lay = window_memory_layout(c2w, 80, 16, cfg)
-    assert torch.equal(lay.context_idx, ctx) and lay.positions.tolist() == list(range(ctx.numel() + 16))
+    from models.layout import teacher_layout
+
+    lay = teacher_layout(c2w[:80], c2w[80:96], cfg)
+    assert torch.equal(lay.context_idx[0], ctx) and lay.positions[0].tolist() == list(range(ctx.numel() + 16))
     # Early windows: the whole history.
     assert torch.equal(select_window_context(c2w[:8], c2w[8:24], cfg), torch.arange(8))
 
@@ -233,8 +235,6 @@ def test_bad_config_and_inputs_raise():
         select_context(torch.zeros(10, 3, 4), torch.zeros(4, 4, 4), MemoryConfig())
     with pytest.raises(ValueError, match="batch dims differ"):
         select_context(torch.zeros(2, 10, 4, 4), torch.zeros(4, 4, 4), MemoryConfig())
-    with pytest.raises(ValueError, match="outside the clip"):
-        memory_layout(walk([(10, 0.5, 0.0)]), 8, MemoryConfig())
     with pytest.raises(ValueError, match="multiple of chunk_size"):
         select_window_context(walk([(10, 0.5, 0.0)]), walk([(5, 0.5, 0.0)])[:6], MemoryConfig())
 

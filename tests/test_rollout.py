@@ -12,7 +12,7 @@ from data.actions import MotionSteps, keys_to_poses
 from data.geometry import invert_rigid
 from models.config import preset
 from models.dit import WorldDiT
-from models.flow import add_noise, cfg_combine, euler_step, inference_sigmas
+from models.flow import add_noise, cfg_combine, euler_step, inference_sigmas, output_to_velocity, output_to_x0
 from models.memory import MemoryConfig, reframe_positions, select_context, select_window_context
 from models.rollout import Rollout, RolloutConfig, gaussian_noise
 from model_helpers import randomize
@@ -118,9 +118,14 @@ def test_cached_rollout_equals_uncached_block_causal_reference(model):
         take = lambda t: torch.stack([t[b, idx[b]] for b in range(B)])  # noqa: E731
         x_ctx = torch.stack([hist[b][:, idx[b]] for b in range(B)])
         x = torch.randn(B, C, 4, H, W, generator=g)
+        pinned = (torch.arange(4 * i, 4 * i + 4) == 0).expand(B, 4)  # chunk 0 holds the image latent
+        pin = lambda t: torch.where(pinned[:, None, :, None, None], traj["image_latent"][:, :, None], t)  # noqa: E731
+        x = pin(x)
+        ctx_sig = torch.where(idx == 0, 0.0, csig)  # the image is clean wherever it sits
         for k in range(3):
-            sigma = torch.cat([torch.full((B, M), csig), torch.full((B, 4), float(sig[k]))], dim=1)
-            v = model(
+            s_k = torch.where(pinned, 0.0, float(sig[k]))
+            sigma = torch.cat([ctx_sig, s_k], dim=1)
+            out = model(
                 torch.cat([x_ctx, x], dim=2), sigma,
                 actions=torch.cat([take(traj["actions"][:, : 4 * i]), traj["actions"][:, s]], 1),
                 w2c=torch.cat([take(traj["w2c"][:, : 4 * i]), traj["w2c"][:, s]], 1),
@@ -130,8 +135,12 @@ def test_cached_rollout_equals_uncached_block_causal_reference(model):
                 cond_mask=torch.cat([idx == 0, (torch.arange(4 * i, 4 * i + 4) == 0).expand(B, 4)], 1),
                 chunk_size=4,
             )[:, :, M:]
-            x = x - float(sig[k]) * v if k == 2 else euler_step(x, v, sig[k], sig[k + 1])
+            x0 = pin(output_to_x0(out, x, s_k, model.cfg.prediction))
+            v = output_to_velocity(out, x, s_k, model.cfg.prediction)
+            x = x0 if k == 2 else pin(euler_step(x, v, s_k, torch.where(pinned, 0.0, float(sig[k + 1]))))
         torch.testing.assert_close(res.chunks[i].latents, x, rtol=1e-4, atol=1e-4)
+        if i == 0:
+            assert torch.equal(res.chunks[0].latents[:, :, 0], traj["image_latent"])  # pinned exactly
         hist = torch.cat([hist, x], dim=2)
     assert retrieved  # some chunk used a non-contiguous (retrieved) memory
     assert res.chunks[-1].context_idx.shape[1] == 12
@@ -218,7 +227,11 @@ def test_guidance_combines_cond_and_uncond_branches(model):
         assert torch.equal(unc[2]["w2c"], torch.eye(4).expand(B, 4, 4, 4))
         assert torch.equal(unc[2]["K"], cond[2]["K"])
         assert unc[2]["cache"].text_len == 0 and cond[2]["cache"].text_len == LT
-        torch.testing.assert_close(res.chunks[0].trajectory.v[k], cfg_combine(cond[3], unc[3], 3.0))
+        # raw outputs are combined, then read as a velocity (the pinned image latent has none)
+        out = cfg_combine(cond[3], unc[3], 3.0)
+        v = output_to_velocity(out, cond[2]["x"], cond[2]["sigma"], model.cfg.prediction)
+        torch.testing.assert_close(res.chunks[0].trajectory.v[k][:, :, 1:], v[:, :, 1:])
+        assert (res.chunks[0].trajectory.v[k][:, :, 0] == 0).all()
     # The unconditional context is encoded with null actions and cameras as well.
     ctx = [c for c in spy.calls if c[0] == "context"]
     assert (ctx[1][2]["actions"] == 0).all() and not (ctx[0][2]["actions"] == 0).all()
@@ -257,14 +270,16 @@ def test_distilled_schedule_uses_four_calls_and_renoises(model):
     for i, ch in enumerate(res.chunks):
         tr = ch.trajectory
         assert torch.allclose(tr.sigma, sig[:4])
-        assert torch.equal(tr.x[0], noises[4 * i])
+        assert torch.equal(tr.x[0][:, :, 1:], noises[4 * i][:, :, 1:])
+        pinned = (torch.arange(4 * i, 4 * i + 4) == 0).expand(B, 4)  # the image latent stays clean
         for k in range(3):  # x_{k+1} = (1 - s') x0_k + s' eps'
-            torch.testing.assert_close(tr.x[k + 1], add_noise(tr.x0[k], noises[4 * i + k + 1], sig[k + 1]))
+            s_next = torch.where(pinned, 0.0, sig[k + 1])
+            torch.testing.assert_close(tr.x[k + 1], add_noise(tr.x0[k], noises[4 * i + k + 1], s_next))
         assert torch.equal(ch.latents, tr.x0[-1])
     # renoise=False walks the same sigmas with Euler steps.
     r2 = Rollout(model, cfg_(schedule="distilled", renoise=False))
     tr = gen(r2, traj, return_trajectory=True).chunks[0].trajectory
-    torch.testing.assert_close(tr.x[1], euler_step(tr.x[0], tr.v[0], sig[0], sig[1]))
+    torch.testing.assert_close(tr.x[1][:, :, 1:], euler_step(tr.x[0], tr.v[0], sig[0], sig[1])[:, :, 1:])
 
 
 @torch.no_grad()
@@ -349,7 +364,7 @@ def test_window_mode_shapes_context_and_positions():
         call = fwd[3 * i][2]  # one bidirectional forward over [context ; window]
         assert call["x"].shape[2] == M + 8 and call["chunk_size"] is None and call["cache"] is None
         assert torch.equal(call["t_pos"][0], torch.arange(M + 8))
-        assert torch.allclose(call["sigma"][0, :M], torch.tensor(0.014))
+        assert torch.allclose(call["sigma"][0, :M], torch.where(expect == 0, 0.0, 0.014))  # the image slot is clean
         assert torch.equal(call["x"][:, :, :M], res.latents[:, :, expect])
         assert call["cond_mask"][0].tolist() == (expect == 0).tolist() + [i == 0] + [False] * 7
     assert res.chunks[0].context_idx.numel() == 0

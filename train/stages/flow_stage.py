@@ -40,6 +40,8 @@ class FlowStageConfig:
     name: str = "pretrain"
     mode: str = "causal"  # causal: block-causal chunks, one sigma per chunk | bidirectional: one sigma per window
     chunk_size: int = 4  # latents per chunk (causal mode; must equal sampling.chunk_size)
+    loss_space: str = "v"  # the loss regresses velocities ("v") or clean samples ("x0"); models/flow.py
+    sigma_floor: float = 0.05  # v-space loss on an x0 output divides by max(sigma, sigma_floor)
     train_shift: float = 3.0  # shift of the logit-normal training sigma
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -143,7 +145,8 @@ class FlowStage(Stage):
         inp = self._encode_text(list(batch["caption"]), inp)
         inp = drop_conditioning(inp, text_p=self.scfg.text_dropout, action_p=self.scfg.action_dropout, camera_p=self.scfg.camera_dropout, generator=self.generator)
         eps = torch.randn(inp.x0.shape, generator=self.generator, device=self.generator.device).to(inp.x0.device)
-        loss, _ = flow_matching_loss(self.models["student"], inp, eps)  # the trainer owns autocast
+        # the trainer owns autocast
+        loss, _ = flow_matching_loss(self.models["student"], inp, eps, self.scfg.loss_space, self.scfg.sigma_floor)
         B, C, T, h, w = inp.x0.shape
         p = self.model_cfg.patch
         tokens = B * (T // p[0]) * (h // p[1]) * (w // p[2])

@@ -1,10 +1,14 @@
 """From a training batch to WorldDiT inputs: latents, per-latent noise, conditioning and its dropout.
 
 Shared by the pretrain and mid-train stages (and by later stages that fine-tune with flow
-matching), so every stage feeds the network the same way the rollout sampler does: image-to-video
-conditioning on latent 0, per-latent sigma, actions, cameras (w2c + normalised K), explicit
-temporal positions. Conditioning dropout uses the sampler's definition of "unconditional"
-(models.rollout): no text tokens, action 0, identity cameras; the image is always kept.
+matching), so every stage feeds the network the way the rollout sampler does: the sequence is a
+``models.layout.Layout`` (the sampler's own layout builder), gathered from the clip by
+:func:`layout_inputs`: the slots' latents, actions, cameras (w2c + normalised K) and reframed
+positions; the image slot pinned (clean, σ = 0, no loss: the sampler writes the image there
+exactly); context σ tags; the loss on the new latents. Conditioning dropout uses the sampler's
+definition of "unconditional" (models.rollout): no text tokens, action 0, identity cameras; the
+image is always kept. The loss reads the network's output through ``models.flow`` (its prediction
+parameterisation) in the stage's loss space.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from models.flow import add_noise, velocity_target
+from models.flow import add_noise, prediction_loss, prediction_of
+from models.layout import Layout
 
 
 @dataclass
@@ -59,12 +64,10 @@ def encode_video(autoencoder: torch.nn.Module, batch: dict[str, Any], device: to
     return autoencoder.encode(video).float()
 
 
-def batch_inputs(batch: dict[str, Any], x0: Tensor, chunk_size: Optional[int]) -> ModelInputs:
-    """Inputs for a window batch: contiguous positions, the image on latent 0, loss on every latent."""
+def clip_inputs(batch: dict[str, Any], x0: Tensor, chunk_size: Optional[int]) -> ModelInputs:
+    """The whole clips of a batch as a source to gather layouts from (x0 [B, C, T, h, w]; image = latent 0)."""
     B, _, T = x0.shape[:3]
     dev = x0.device
-    cond = torch.zeros(B, T, dtype=torch.bool, device=dev)
-    cond[:, 0] = True
     return ModelInputs(
         x0=x0,
         sigma=torch.zeros(B, T, device=dev),
@@ -73,10 +76,32 @@ def batch_inputs(batch: dict[str, Any], x0: Tensor, chunk_size: Optional[int]) -
         K=batch["K"].to(dev).float(),
         t_pos=torch.arange(T, device=dev).expand(B, T).clone(),
         image_latent=x0[:, :, 0].clone(),
-        cond_mask=cond,
+        cond_mask=None,
         loss_mask=torch.ones(B, T, device=dev),
         chunk_size=chunk_size,
     )
+
+
+def layout_inputs(clip: ModelInputs, layouts: list[Layout], new_sigma: Tensor, context_sigma: Tensor | float) -> ModelInputs:
+    """Gather one layout per clip (all of one length S) into model inputs.
+
+    new_sigma [B, S] is used on each layout's new slots, context_sigma (scalar or [B, S]) on its context
+    slots; the image slot is clean (σ 0) and carries no loss, as the sampler pins it.
+    """
+    if len(layouts) != clip.x0.shape[0] or len({lay.length for lay in layouts}) != 1:
+        raise ValueError(f"layout_inputs: need one layout per clip ({clip.x0.shape[0]}) of one length, got "
+                         f"{[lay.length for lay in layouts]}")
+    dev = clip.x0.device
+    idx = torch.cat([lay.indices for lay in layouts]).to(dev)
+    new = torch.cat([lay.new_mask for lay in layouts]).to(dev)
+    image = torch.cat([lay.image_mask for lay in layouts]).to(dev)
+    inp = clip.take(idx)
+    inp.t_pos = torch.cat([lay.positions for lay in layouts]).to(dev)
+    inp.cond_mask = image
+    inp.loss_mask = (new & ~image).float()
+    ctx = torch.as_tensor(context_sigma, dtype=torch.float32, device=dev).expand_as(new_sigma)
+    inp.sigma = torch.where(image, torch.zeros((), device=dev), torch.where(new, new_sigma.to(dev), ctx))
+    return inp
 
 
 def drop_conditioning(inp: ModelInputs, *, text_p: float, action_p: float, camera_p: float, generator: torch.Generator) -> ModelInputs:
@@ -101,11 +126,6 @@ def drop_conditioning(inp: ModelInputs, *, text_p: float, action_p: float, camer
     return out
 
 
-def noised(inp: ModelInputs, eps: Tensor) -> tuple[Tensor, Tensor]:
-    """(x_sigma, target velocity) for the flow-matching loss."""
-    return add_noise(inp.x0, eps, inp.sigma), velocity_target(inp.x0, eps)
-
-
 def model_kwargs(inp: ModelInputs) -> dict[str, Any]:
     """Keyword arguments of WorldDiT.forward (besides x and sigma)."""
     return {
@@ -121,11 +141,18 @@ def model_kwargs(inp: ModelInputs) -> dict[str, Any]:
     }
 
 
-def flow_matching_loss(model: torch.nn.Module, inp: ModelInputs, eps: Tensor) -> tuple[Tensor, Tensor]:
-    """Masked MSE between the predicted and true velocity: (scalar loss, per-latent loss [B, T])."""
-    x_sigma, target = noised(inp, eps)
-    pred = model(x_sigma, inp.sigma, **model_kwargs(inp))
-    per_latent = (pred.float() - target.float()).pow(2).mean(dim=(1, 3, 4))  # [B, T]
+def flow_matching_loss(
+    model: torch.nn.Module, inp: ModelInputs, eps: Tensor, loss_space: str = "v", sigma_floor: float = 0.05,
+) -> tuple[Tensor, Tensor]:
+    """Masked flow-matching MSE in ``loss_space`` (models.flow.prediction_loss): (scalar loss, per-latent loss [B, T]).
+
+    The network's output is read through its own prediction parameterisation (``model.cfg.prediction``).
+    """
+    x_sigma = add_noise(inp.x0, eps, inp.sigma)
+    out = model(x_sigma, inp.sigma, **model_kwargs(inp))
+    err = prediction_loss(out, inp.x0, eps, inp.sigma, prediction_of(model), loss_space, sigma_floor)
+    per_latent = err.mean(dim=(1, 3, 4))  # [B, T]
     mask = inp.loss_mask
     loss = (per_latent * mask).sum() / mask.sum().clamp_min(1.0)
     return loss, per_latent.detach()
+

@@ -1,8 +1,8 @@
 """Stage ``midtrain``: memory training with reconstituted context (WorldPlay §5.4).
 
 Each sample is either a *memory* sample (probability ``memory_prob``): a target chunk far enough
-into the clip, its context chosen by ``models.memory.memory_layout`` (the same rule the rollout
-sampler applies at inference, on the same ``sampling.memory`` config), packed as
+into the clip, its sequence built by ``models.layout.chunk_layout`` (the builder the rollout
+sampler calls at inference, on the same ``sampling.memory`` config), packed as
 [context (sorted) | target] with contiguous reframed positions, the loss on the target only; or a
 *window* sample: the first latents of the clip, contiguous, per-chunk noise, loss on all. Both
 have ``max_context + chunk`` latents, so they batch. Context latents are clean (sigma tag
@@ -11,7 +11,7 @@ have ``max_context + chunk`` latents, so they batch. Context latents are clean (
 distances grow over training.
 
 ``mode=bidirectional`` trains the Context-Forcing teacher: a window of ``sampling.window_latents``
-with the union memory of its chunks (``window_memory_layout``), full attention.
+with the union memory of its chunks (``models.layout.teacher_layout``), full attention.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from models.memory import memory_layout, window_memory_layout
+from models.layout import chunk_layout, teacher_layout, window_layout
 from train.stage import register_stage
 from train.stages.flow_stage import FlowStage, FlowStageConfig
-from train.stages.inputs import ModelInputs, batch_inputs
+from train.stages.inputs import ModelInputs, clip_inputs, layout_inputs
 from train.stages.pretrain import window_sigmas
 
 
@@ -71,39 +71,26 @@ class Midtrain(FlowStage):
 
     def make_inputs(self, batch: dict[str, Any], x0: torch.Tensor, step: int) -> ModelInputs:
         if self.scfg.mode == "bidirectional":
-            return self._window_memory_inputs(batch, x0, step)
+            return self._teacher_inputs(batch, x0, step)
         B, _, T = x0.shape[:3]
         C, M = self.scfg.chunk_size, self.mem.max_context
         if T < self.seq_len:
             raise ValueError(f"data.num_latents={T} is shorter than a mid-train sample of {self.seq_len} latents (sampling.memory.max_context + chunk)")
-        full = batch_inputs(batch, x0, C)
+        clip = clip_inputs(batch, x0, C)
         length = curriculum_length(self.scfg.curriculum, step, T)
-        g = self.generator
-        rows, pos, loss_mask = [], [], []
+        c2w = batch["c2w"].to(torch.float64)  # host-side poses: layouts are chosen without device syncs
+        layouts = []
         for b in range(B):
             # Targets start at or after M so the context is always full (WorldPlay: cur >= 24).
             starts = list(range(-(-M // C) * C, length - C + 1, C))
             use_memory = bool(starts) and float(torch.rand((), generator=self.layout_rng)) < self.scfg.memory_prob
             if use_memory:
                 cur = starts[int(torch.randint(len(starts), (), generator=self.layout_rng))]
-                lay = memory_layout(batch["c2w"][b].to(torch.float64), cur, self.mem)
-                rows.append(lay.indices.to(x0.device))
-                pos.append(lay.positions.to(x0.device))
-                loss_mask.append(lay.target_mask.float().to(x0.device))
+                layouts.append(chunk_layout(c2w[b : b + 1, :cur], c2w[b : b + 1, cur : cur + C], self.mem))
             else:
-                rows.append(torch.arange(self.seq_len, device=x0.device))
-                pos.append(torch.arange(self.seq_len, device=x0.device))
-                loss_mask.append(torch.ones(self.seq_len, device=x0.device))
-        idx = torch.stack(rows)
-        inp = full.take(idx)
-        inp.t_pos = torch.stack(pos)
-        inp.loss_mask = torch.stack(loss_mask)
-        inp.cond_mask = idx == 0  # the conditioning image sits on real latent 0 wherever it is placed
-        sigma = window_sigmas(B, self.seq_len, self.scfg, g, x0.device)
-        ctx = inp.loss_mask == 0  # memory samples: context latents
-        ctx_sigma = self._context_sigma(B, self.seq_len, x0.device)
-        inp.sigma = torch.where(ctx, ctx_sigma, sigma)
-        return inp
+                layouts.append(window_layout(1, 0, self.seq_len))
+        sigma = window_sigmas(B, self.seq_len, self.scfg, self.generator, x0.device)
+        return layout_inputs(clip, layouts, sigma, self._context_sigma(B, self.seq_len, x0.device))
 
     def _context_sigma(self, B: int, L: int, device: torch.device) -> torch.Tensor:
         """Sigma of context latents [B, L]: the sampler's cache tag, or per-chunk noise up to context_sigma_max."""
@@ -115,26 +102,19 @@ class Midtrain(FlowStage):
         u = torch.rand(B, chunks, generator=g, device=g.device) * (self.scfg.context_sigma_max - lo) + lo
         return u.repeat_interleave(self.scfg.chunk_size, dim=1)[:, :L].to(device)
 
-    def _window_memory_inputs(self, batch: dict[str, Any], x0: torch.Tensor, step: int) -> ModelInputs:
+    def _teacher_inputs(self, batch: dict[str, Any], x0: torch.Tensor, step: int) -> ModelInputs:
         """Teacher layout: [union memory | window], full attention, loss on the window. Batch of 1 per layout."""
         W = self.rollout_config().window_latents
         B, _, T = x0.shape[:3]
         if B != 1:
             raise ValueError("stage.mode=bidirectional mid-training builds one memory layout per sample: use data.batch_size=1 (and grad_accum for larger batches)")
-        full = batch_inputs(batch, x0, None)
         length = curriculum_length(self.scfg.curriculum, step, T)
         starts = list(range(0, length - W + 1, self.scfg.chunk_size))
         if not starts:
             raise ValueError(f"clip of {length} latents is shorter than the teacher window of {W} latents")
-        g = self.generator
         use_memory = float(torch.rand((), generator=self.layout_rng)) < self.scfg.memory_prob
         start = starts[int(torch.randint(len(starts), (), generator=self.layout_rng))] if use_memory else 0
-        lay = window_memory_layout(batch["c2w"][0].to(torch.float64), start, W, self.mem)
-        idx = lay.indices[None].to(x0.device)
-        inp = full.take(idx)
-        inp.t_pos = lay.positions[None].to(x0.device)
-        inp.loss_mask = lay.target_mask[None].float().to(x0.device)
-        inp.cond_mask = idx == 0
-        sigma = window_sigmas(1, idx.shape[1], self.scfg, g, x0.device)
-        inp.sigma = torch.where(inp.loss_mask == 0, self._context_sigma(1, idx.shape[1], x0.device), sigma)
-        return inp
+        c2w = batch["c2w"][0].to(torch.float64)
+        lay = teacher_layout(c2w[:start], c2w[start : start + W], self.mem)
+        sigma = window_sigmas(1, lay.length, self.scfg, self.generator, x0.device)
+        return layout_inputs(clip_inputs(batch, x0, None), [lay], sigma, self._context_sigma(1, lay.length, x0.device))

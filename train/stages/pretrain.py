@@ -2,7 +2,8 @@
 
 ``mode=causal``: block-causal chunks with one logit-normal sigma per chunk (diffusion forcing), so
 the model learns to continue from a clean-or-noisier past; ``mode=bidirectional``: one sigma for
-the whole window. Image-to-video on latent 0; text/action/camera dropout for guidance.
+the whole window. Image-to-video: latent 0 is the pinned image (models.layout); text/action/camera
+dropout for guidance.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 import torch
 
 from models.flow import chunk_sigmas, sample_train_sigma
+from models.layout import window_layout
 from train.stage import register_stage
 from train.stages.flow_stage import FlowStage, FlowStageConfig
-from train.stages.inputs import ModelInputs, batch_inputs
+from train.stages.inputs import ModelInputs, clip_inputs, layout_inputs
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Pretrain(FlowStage):
         causal = self.scfg.mode == "causal"
         if causal and x0.shape[2] % self.scfg.chunk_size:
             raise ValueError(f"data.num_latents={x0.shape[2]} must be a multiple of stage.chunk_size={self.scfg.chunk_size} in causal mode")
-        inp = batch_inputs(batch, x0, self.scfg.chunk_size if causal else None)
-        inp.sigma = window_sigmas(x0.shape[0], x0.shape[2], self.scfg, self.generator, x0.device)
-        return inp
+        B, _, T = x0.shape[:3]
+        clip = clip_inputs(batch, x0, self.scfg.chunk_size if causal else None)
+        layouts = [window_layout(1, 0, T, x0.device)] * B
+        return layout_inputs(clip, layouts, window_sigmas(B, T, self.scfg, self.generator, x0.device), 0.0)
