@@ -70,7 +70,8 @@ class Chromium:
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         url = self._devtools_url()
         threading.Thread(target=self._drain, daemon=True).start()
-        self.ws = connect(url, max_size=None, open_timeout=timeout)
+        self._connection = connect(url, max_size=None, open_timeout=timeout)
+        self.ws = self._connection.__enter__()
         self._ids = itertools.count(1)
         self.events: list[dict[str, Any]] = []
         target = self.call("Target.createTarget", url="about:blank")["targetId"]

@@ -97,7 +97,7 @@ def decode_upload(data: bytes, dst_hw: tuple[int, int], *, limit_bytes: int, max
     if len(data) == 0:
         raise InferError(f"{name}: the file is empty")
     if len(data) > limit_bytes:
-        raise InferError(f"{name}: {len(data) / 2**20:.1f} MiB is over the upload limit of {limit_bytes / 2**20:.1f} MiB")
+        raise InferError(f"{name}: {len(data) / 2**20:.2f} MiB is over the upload limit of {limit_bytes / 2**20:.2f} MiB")
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)

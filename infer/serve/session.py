@@ -221,7 +221,7 @@ class PlaySession:
             self.error("upload", f"the upload header needs its size in bytes, got {size!r}")
             return
         if size > limit:
-            self.error("upload", f"{str(name)[:80]!r} is {size / 2**20:.1f} MiB; the upload limit is {limit / 2**20:.1f} MiB")
+            self.error("upload", f"{str(name)[:80]!r} is {size / 2**20:.2f} MiB; the upload limit is {limit / 2**20:.2f} MiB")
             return
         self.pending_upload = {"name": str(name)[:200], "size": size}
 
