@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", action="append", required=True, help="bundle directory (repeat to compare bundles)")
     p.add_argument("--name", action="append", help="display name per bundle (repeat, in --bundle order)")
-    p.add_argument("--protocol", default="all", help="short | long | action | all (or a comma-separated list)")
+    p.add_argument("--protocol", default="all", help="short | long | action | control | all (or a comma-separated list)")
     p.add_argument("--data", required=True, help="dataset directory (index.json + shards) of held-out clips")
     p.add_argument("--out", required=True, help="report directory")
     d = ProtocolConfig()
@@ -86,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--short-latents", type=int, default=d.short_latents)
     p.add_argument("--long-latents", type=int, default=None, help="default: 4 x each bundle's training window")
     p.add_argument("--action-latents", type=int, default=d.action_latents)
+    p.add_argument("--control-latents", type=int, default=d.control_latents)
     p.add_argument("--lpips-trunk", default=None, help="torchvision alexnet-owt-7be5be79.pth (default: $TORCH_HOME)")
     return p
 
@@ -96,14 +97,17 @@ def main(argv: Optional[Sequence[str]] = None) -> ReportFiles:
     cfg = ProtocolConfig(
         num=args.num, seed=args.seed, device=args.device, dtype=args.dtype, steps=args.steps,
         short_latents=args.short_latents, long_latents=args.long_latents, action_latents=args.action_latents,
-        lpips=LPIPSConfig(trunk_path=args.lpips_trunk),
+        control_latents=args.control_latents, lpips=LPIPSConfig(trunk_path=args.lpips_trunk),
     )
     try:
         files = evaluate_bundles(args.bundle, args.data, args.out, args.protocol, cfg, args.name)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"python -m eval: {e}") from e
-    summary = files.markdown.read_text().split("## Summary", 1)[-1].split("\n## ", 1)[0]
-    print("\n".join(line for line in summary.splitlines() if line.startswith("|")))
+    md = files.markdown.read_text()
+    for section in ("## Summary", "## Control"):
+        if section in md:
+            table = md.split(section, 1)[-1].split("\n## ", 1)[0]
+            print("\n".join(line for line in table.splitlines() if line.startswith("|")))
     print(f"[eval] report: {files.markdown} ({len(files.plots)} plots, {len(files.strips)} strips)")
     return files
 

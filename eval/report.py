@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 
+from eval.protocols.config import PROTOCOLS
 from eval.protocols.scoring import Example, ProtocolResult
 
 __all__ = ["BundleReport", "ReportFiles", "write_report", "line_plot", "write_strip", "SUMMARY_COLUMNS"]
@@ -43,6 +44,20 @@ TRUTH_COLUMNS = (
     ("long", "truth_ssim", "SSIM↑", "{:.3f}"),
     ("long", "truth_lpips", "LPIPS↓", "{:.3f}"),
     ("long", "num_truth_clips", "clips", "{:.0f}"),
+)
+CONTROL_COLUMNS = (
+    ("control", "control", "control dB↑", "{:.2f}"),
+    ("control", "follow_psnr", "PSNR own path↑", "{:.2f}"),
+    ("control", "swap_psnr", "PSNR other path", "{:.2f}"),
+    ("control", "null_cost", "null-control cost dB↑", "{:.2f}"),
+    ("control", "truth_separation", "truths' PSNR", "{:.2f}"),
+    ("control", "num_clips", "clips", "{:.0f}"),
+)
+CAMERA_COLUMNS = (
+    ("short", "camera_finite", "short: clips with poses", "{:.0%}"),
+    ("short", "gt_camera_finite", "oracle", "{:.0%}"),
+    ("long", "camera_finite", "long: clips with poses", "{:.0%}"),
+    ("long", "gt_camera_finite", "oracle", "{:.0%}"),
 )
 ORACLE_COLUMNS = (
     ("short", "gt_R_dist_deg", "short R_dist°", "{:.2f}"),
@@ -207,7 +222,12 @@ def _cell(bundle: BundleReport, protocol: str, key: str, fmt: str, lpips_ok: boo
     if "lpips" in key and not lpips_ok:
         return "n/a"
     v = res.summary.get(key, math.nan)
-    return fmt.format(v) if v is not None and math.isfinite(v) else "NaN"
+    if v is None or not math.isfinite(v):
+        return "NaN"
+    lo, hi = res.intervals.get(key, (math.nan, math.nan))
+    if math.isfinite(lo) and math.isfinite(hi) and not fmt.endswith("%}") and key != "num_clips":
+        return f"{fmt.format(v)} [{fmt.format(lo)}, {fmt.format(hi)}]"  # 95 % bootstrap interval over clips
+    return fmt.format(v)
 
 
 def _table(bundles: Sequence[BundleReport], columns: Sequence[tuple[str, str, str, str]], lpips_ok: bool) -> list[str]:
@@ -243,7 +263,7 @@ def write_report(
         raise ValueError(f"write_report: bundle names must be unique, got {names}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    protocols = [p for p in ("short", "long", "action") if any(p in b.results for b in bundles)]
+    protocols = [p for p in PROTOCOLS if any(p in b.results for b in bundles)]
     lpips_ok = lpips_available
 
     plots: list[Path] = []
@@ -275,7 +295,7 @@ def write_report(
             {
                 "name": b.name, "path": b.path, "meta": b.meta, "settings": b.settings,
                 "protocols": {
-                    p: {"summary": r.summary, "curves": r.curves, "clips": r.clips, "notes": r.notes, "seconds": r.seconds}
+                    p: {"summary": r.summary, "intervals": r.intervals, "curves": r.curves, "clips": r.clips, "notes": r.notes, "seconds": r.seconds}
                     for p, r in b.results.items()
                 },
             }
@@ -297,11 +317,21 @@ def write_report(
            "## Summary", "",
            "The paper's table (short: re-generated held-out clips vs ground truth; long: return path vs the",
            "frames generated on the way out) plus WorldCompass action accuracy. R_dist in degrees, T_dist in",
-           "the trajectory's units after one scale fit.", ""]
+           "the trajectory's units after one scale fit. Brackets: 95 % bootstrap interval of the mean over clips.", ""]
     md += _table(bundles, [c for c in SUMMARY_COLUMNS if c[0] in protocols], lpips_ok)
     if "long" in protocols:
         md += ["", "## Long: return path vs the true render (synthetic world)", ""]
         md += _table(bundles, TRUTH_COLUMNS, lpips_ok)
+    if "control" in protocols:
+        md += ["", "## Control: does the video follow the commanded path?", "",
+               "Two paths from one start, generated with the same seed: dB closer to its own path's truth than to",
+               "the other's (0 = the controls are ignored), and the dB lost when the network's action and camera",
+               "inputs are cut (action 0, identity cameras).", ""]
+        md += _table(bundles, CONTROL_COLUMNS, lpips_ok)
+    cams = [c for c in CAMERA_COLUMNS if c[0] in protocols]
+    if cams:
+        md += ["", "## Camera estimates: share of clips with a finite pose error", ""]
+        md += _table(bundles, cams, lpips_ok)
     oracle = [c for c in ORACLE_COLUMNS if c[0] in protocols]
     if oracle:
         md += ["", "## Estimator on ground-truth frames (oracle)", "",

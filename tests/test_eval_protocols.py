@@ -139,7 +139,7 @@ def test_report_with_two_bundles_renders_all_its_files(bundles, data_dir, tmp_pa
         assert sum(line.startswith(f"| {name} |") for line in md.splitlines()) >= 3  # summary, truth, oracle, bundles
     assert "LPIPS unavailable" in md or "LPIPS v0.1" in md
     listed = doc["plots"] + doc["strips"]
-    assert len(doc["plots"]) >= 6 and len(doc["strips"]) == 2 * 3
+    assert len(doc["plots"]) >= 6 and len(doc["strips"]) == 2 * 5  # short, long, action, control (paths A and B)
     for rel in listed:
         img = cv2.imread(str(out / rel))
         assert img is not None and img.shape[0] > 50 and img.shape[1] > 50, rel
@@ -182,7 +182,7 @@ def test_cli_rejects_unknown_protocol(bundles, data_dir, tmp_path) -> None:
 
     with pytest.raises(SystemExit, match="unknown protocol 'sideways'"):
         main(["--bundle", str(bundles[0]), "--protocol", "sideways", "--data", str(data_dir), "--out", str(tmp_path)])
-    assert parse_protocols("all") == ["short", "long", "action"]
+    assert parse_protocols("all") == ["short", "long", "action", "control"]
     assert parse_protocols("long,short") == ["long", "short"]
 
 
@@ -206,6 +206,42 @@ def test_perfect_generator_scores_perfectly_on_the_long_return_path(bundles, dat
     # Every return latent of the 8-latent path (out 0..3, pause, back 2..0) was compared: 3 per clip.
     assert [c["return_latents"] for c in res["long"].clips] == [3, 3]
     assert res["long"].curves["self_psnr"]["x"] == [10, 12, 14]  # frames of latents 5, 6, 7 at stride 2
+
+
+def test_control_is_zero_for_a_control_blind_model_and_large_for_the_truth(bundles, data_dir) -> None:
+    """A model whose action and camera inputs are cut makes the same video for both paths: control 0 and
+    null cost 0, exactly. The true renders score the truths' own separation (cap minus their PSNR)."""
+    cfg = ProtocolConfig(**FAST, control_latents=8)
+    base = VideoModel.from_bundle(bundles[0])
+    clips = prepare_clips(load_clips(data_dir, 2), base, cfg)
+    blind_cfg = replace(preset("tiny"), latent_channels=96, text_dim=0, action=False, camera=False)
+    blind = VideoModel(randomize(WorldDiT(blind_cfg), 3).eval(), base.autoencoder, base.settings, name="blind")
+    res = evaluate(blind, clips, "control", cfg)["control"]
+    assert res.summary["num_clips"] == 2
+    assert res.summary["control"] == 0.0 and res.summary["null_cost"] == 0.0
+    assert all(c["truth_separation"] < 30 for c in res.clips)  # the two paths really differ
+    truth = evaluate(TruthModel(base, clips), clips, "control", cfg)["control"]
+    for c in truth.clips:
+        assert c["control"] == pytest.approx(cfg.psnr_cap - c["truth_separation"]) and c["control"] > 50
+    # the protocol's own wrapper cuts the controls of a model that uses them
+    seeing = VideoModel.from_bundle(bundles[1])
+    res = evaluate(seeing, clips, "control", cfg)["control"]
+    assert res.summary["control"] != 0.0 and res.summary["null_cost"] != 0.0
+
+
+def test_bootstrap_intervals_cover_the_mean_and_shrink_with_more_clips() -> None:
+    from eval.protocols.scoring import bootstrap_interval, summarize
+
+    rng = np.random.default_rng(0)
+    few, many = rng.normal(20, 2, 8), rng.normal(20, 2, 128)
+    lo8, hi8 = bootstrap_interval(few)
+    lo128, hi128 = bootstrap_interval(many)
+    assert lo8 < few.mean() < hi8 and lo128 < many.mean() < hi128
+    assert (hi128 - lo128) < 0.5 * (hi8 - lo8)  # ~1/sqrt(n): 4x the clips, under half the width
+    assert bootstrap_interval([1.0, 2.0]) == bootstrap_interval([1.0, 2.0])  # fixed seed: reproducible
+    assert all(math.isnan(v) for v in bootstrap_interval([3.0, float("nan")]))  # one finite value: no interval
+    summary, intervals = summarize([{"psnr": 1.0}, {"psnr": 3.0}, {"psnr": float("nan")}], ["psnr"])
+    assert summary["psnr"] == 2.0 and intervals["psnr"][0] <= 2.0 <= intervals["psnr"][1]
 
 
 def test_short_protocol_compares_the_right_frames(bundles, data_dir) -> None:

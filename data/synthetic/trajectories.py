@@ -192,16 +192,20 @@ def _sample_action(rng: np.random.Generator, category: str, elevation_deg: float
     }[category]
 
 
-def _plan_random(scene: Scene, cfg: TrajectoryConfig, rng: np.random.Generator, T: int) -> Trajectory:
-    walker = _Walker(scene, cfg, _random_start(scene, cfg, rng, cfg.margin + 0.3))
+def _plan_random(
+    scene: Scene, cfg: TrajectoryConfig, rng: np.random.Generator, T: int, start: Tensor | None = None
+) -> Trajectory:
+    walker = _Walker(scene, cfg, _random_start(scene, cfg, rng, cfg.margin + 0.3) if start is None else start)
     _random_walk(walker, rng, T - 1, invertible=False)
     return Trajectory(*walker.result(), kind="random")
 
 
-def _plan_revisit(scene: Scene, cfg: TrajectoryConfig, rng: np.random.Generator, T: int) -> Trajectory:
+def _plan_revisit(
+    scene: Scene, cfg: TrajectoryConfig, rng: np.random.Generator, T: int, start: Tensor | None = None
+) -> Trajectory:
     out_latents = (T - 1) // 2
     pause_latents = (T - 1) - 2 * out_latents
-    walker = _Walker(scene, cfg, _random_start(scene, cfg, rng, cfg.margin + 0.3))
+    walker = _Walker(scene, cfg, _random_start(scene, cfg, rng, cfg.margin + 0.3) if start is None else start)
     _random_walk(walker, rng, out_latents, invertible=True)
     keys, poses = walker.result()
     m = poses.shape[0] - 1  # the turning point (frame index)
@@ -281,12 +285,15 @@ def _check_config(cfg: TrajectoryConfig) -> None:
 
 
 def plan_trajectory(
-    kind: str, scene: Scene, num_frames: int, rng: np.random.Generator, config: TrajectoryConfig | None = None
+    kind: str, scene: Scene, num_frames: int, rng: np.random.Generator, config: TrajectoryConfig | None = None,
+    start: Tensor | None = None,
 ) -> Trajectory:
     """A collision-free key-driven trajectory of ``num_frames`` (1 + stride * k) frames in ``scene``.
 
     ``mixed`` draws the kind from the config's weights; an ``orbit`` with no free circle falls
     back to ``random`` (the returned ``kind`` says which was drawn, ``info['fallback']`` why).
+    ``start`` c2w [4, 4] (float64) fixes the first pose of a ``random`` or ``revisit`` path (it must
+    be free: ValueError otherwise); None draws a free one.
     """
     cfg = config or TrajectoryConfig()
     _check_config(cfg)
@@ -298,6 +305,8 @@ def plan_trajectory(
         if w.sum() <= 0:
             raise ValueError("trajectory mix weights (mix_random, mix_revisit, mix_orbit) must not all be zero")
         kind = str(rng.choice(["random", "revisit", "orbit"], p=w / w.sum()))
+    if start is not None and kind not in ("random", "revisit"):
+        raise ValueError(f"plan_trajectory: a start pose is supported for 'random' and 'revisit' paths, not {kind!r}")
     if kind == "orbit":
         traj = _plan_orbit(scene, cfg, rng, T)
         if traj is not None:
@@ -305,7 +314,8 @@ def plan_trajectory(
         traj = _plan_random(scene, cfg, rng, T)
         traj.info["fallback"] = "no free orbit circle"
         return traj
-    return _plan_revisit(scene, cfg, rng, T) if kind == "revisit" else _plan_random(scene, cfg, rng, T)
+    plan = _plan_revisit if kind == "revisit" else _plan_random
+    return plan(scene, cfg, rng, T, start)
 
 
 def make_trajectory(

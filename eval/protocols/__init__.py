@@ -1,5 +1,6 @@
 """Evaluation protocols: ``short`` (re-generate held-out clips), ``long`` (out and back: revisit
-consistency) and ``action`` (follow random composite actions). Definitions: ``eval/README.md``.
+consistency), ``action`` (follow random composite actions) and ``control`` (how much the video
+depends on the commanded path: two paths from one start). Definitions: ``eval/README.md``.
 
     model = VideoModel.from_bundle("outputs/demo/midtrain/export/bundle")
     clips = prepare_clips(load_clips("outputs/demo/data", 8), model, ProtocolConfig())
@@ -13,6 +14,7 @@ from typing import Callable, Optional, Sequence
 from eval.lpips import LPIPS
 from eval.protocols.action import run_action
 from eval.protocols.clips import EvalClip, load_clips, prepare_clip
+from eval.protocols.control import run_control
 from eval.protocols.config import PROTOCOLS, ProtocolConfig, WalkConfig
 from eval.protocols.long import run_long
 from eval.protocols.runner import EvalSettings, VideoModel, settings_from_sampling
@@ -32,12 +34,15 @@ __all__ = [
     "parse_protocols",
     "prepare_clips",
     "run_action",
+    "run_control",
     "run_long",
     "run_short",
     "settings_from_sampling",
 ]
 
-RUNNERS: dict[str, Callable[..., ProtocolResult]] = {"short": run_short, "long": run_long, "action": run_action}
+RUNNERS: dict[str, Callable[..., ProtocolResult]] = {
+    "short": run_short, "long": run_long, "action": run_action, "control": run_control,
+}
 
 
 def parse_protocols(names: str | Sequence[str]) -> list[str]:

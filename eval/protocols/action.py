@@ -21,7 +21,7 @@ from eval.lpips import LPIPS
 from eval.protocols.clips import EvalClip
 from eval.protocols.config import ProtocolConfig
 from eval.protocols.runner import VideoModel
-from eval.protocols.scoring import Example, ProtocolResult, action_scores, mean_curve, nanmean
+from eval.protocols.scoring import Example, ProtocolResult, action_scores, mean_curve, summarize
 from eval.protocols.walks import plan_path
 
 __all__ = ["run_action"]
@@ -62,7 +62,7 @@ def run_action(model: VideoModel, clips: list[EvalClip], cfg: ProtocolConfig, lp
             res.examples.append(Example(f"action {clip.name}", np.repeat(path.image[None], T, axis=0), lat, "first frame"))
         res.clips.append(row)
     keys_ = ["action_acc", "fine_action_acc", "translation_acc", "rotation_acc", "gt_action_acc", "gt_fine_action_acc"]
-    res.summary = {k: nanmean([c.get(k, float("nan")) for c in res.clips]) for k in keys_}
+    res.summary, res.intervals = summarize(res.clips, keys_)
     res.summary["num_clips"] = len(res.clips)
     res.curves = {"step_acc": mean_curve(hits_rows, "latent step")}
     if gt_rows:

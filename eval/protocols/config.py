@@ -15,7 +15,7 @@ from eval.lpips import LPIPSConfig
 
 __all__ = ["PROTOCOLS", "WalkConfig", "ProtocolConfig"]
 
-PROTOCOLS = ("short", "long", "action")
+PROTOCOLS = ("short", "long", "action", "control")
 
 
 @dataclass
@@ -66,6 +66,9 @@ class ProtocolConfig:
     long_latents: Optional[int] = None  # None: long_window_multiple x the training window (bundle meta data.num_latents)
     long_window_multiple: int = 4
     action_latents: int = 32  # WorldCompass's shortest horizon: 125 frames = 32 latents at stride 4
+    control_latents: int = 16  # control protocol path length (latents)
+    control_attempts: int = 4  # draws of the second path, keeping the one whose truth differs most from the first's
+    control_separation_psnr: float = 15.0  # stop drawing once the two true videos are this far apart (PSNR, dB)
     pose_mode: str = "consecutive"  # eval.camera pair mode for camera errors: consecutive (chained) | first
     psnr_cap: float = 100.0  # per-frame PSNR is capped here before averaging (identical frames are +inf)
     scene_match_psnr: float = 30.0  # a scene seed must re-render a clip's first frame at least this well
@@ -84,7 +87,7 @@ class ProtocolConfig:
             raise ValueError(f"ProtocolConfig.dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"ProtocolConfig.steps must be >= 1, got {self.steps}")
-        for name in ("short_latents", "action_latents", "long_window_multiple"):
+        for name in ("short_latents", "action_latents", "control_latents", "control_attempts", "long_window_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ProtocolConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.long_latents is not None and self.long_latents < 3:

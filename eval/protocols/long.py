@@ -26,7 +26,7 @@ from eval.lpips import LPIPS
 from eval.protocols.clips import EvalClip
 from eval.protocols.config import ProtocolConfig
 from eval.protocols.runner import VideoModel
-from eval.protocols.scoring import Example, ProtocolResult, camera_scores, frame_scores, mean_curve, nanmean
+from eval.protocols.scoring import Example, ProtocolResult, camera_scores, frame_scores, mean_curve, summarize
 from eval.protocols.walks import plan_path
 
 __all__ = ["run_long", "long_length"]
@@ -74,6 +74,7 @@ def run_long(model: VideoModel, clips: list[EvalClip], cfg: ProtocolConfig, lpip
             curves.setdefault(f"self_{k}", []).append((x, v.tolist()))
         cam = camera_scores(lat, K0, path.c2w, cfg.pose_mode, cfg.estimator)
         row.update({k: cam[k] for k in _CAM})
+        row["camera_finite"] = float(np.isfinite(cam["R_dist_deg"]))
         if path.truth is not None:
             truth_scores = frame_scores(lat[ret], path.truth[ret], lpips, cfg.psnr_cap)
             row.update({f"truth_{k}": float(v.mean()) for k, v in truth_scores.items()})
@@ -81,6 +82,7 @@ def run_long(model: VideoModel, clips: list[EvalClip], cfg: ProtocolConfig, lpip
                 curves.setdefault(f"truth_{k}", []).append((x, v.tolist()))
             oracle = camera_scores(path.truth, K0, path.c2w, cfg.pose_mode, cfg.estimator)
             row.update({f"gt_{k}": oracle[k] for k in _CAM})
+            row["gt_camera_finite"] = float(np.isfinite(oracle["R_dist_deg"]))
         else:
             row["truth_reason"] = clip.scene_note or "; ".join(path.notes)
         res.clips.append(row)
@@ -93,8 +95,9 @@ def run_long(model: VideoModel, clips: list[EvalClip], cfg: ProtocolConfig, lpip
     if no_truth:
         res.notes.append(f"{len(no_truth)} of {len(res.clips)} clips have no true render ({no_truth[0]['truth_reason']})")
     keys = ["self_psnr", "self_ssim", "self_lpips", "truth_psnr", "truth_ssim", "truth_lpips",
-            "R_dist_deg", "T_dist", "T_dist_rel", "gt_R_dist_deg", "gt_T_dist", "gt_T_dist_rel"]
-    res.summary = {k: nanmean([c.get(k, float("nan")) for c in res.clips]) for k in keys}
+            "R_dist_deg", "T_dist", "T_dist_rel", "gt_R_dist_deg", "gt_T_dist", "gt_T_dist_rel",
+            "camera_finite", "gt_camera_finite"]
+    res.summary, res.intervals = summarize(res.clips, keys)
     res.summary["num_clips"] = len(res.clips)
     res.summary["num_truth_clips"] = len(res.clips) - len(no_truth)
     res.curves = {k: mean_curve(rows, "frame") for k, rows in curves.items()}

@@ -34,6 +34,8 @@ __all__ = [
     "camera_scores",
     "action_scores",
     "nanmean",
+    "bootstrap_interval",
+    "summarize",
     "mean_curve",
 ]
 
@@ -55,13 +57,15 @@ class Example:
 class ProtocolResult:
     """What one protocol measured for one model.
 
-    summary: headline numbers (NaN where not computable; ``notes`` say why). curves: metric ->
+    summary: headline numbers (NaN where not computable; ``notes`` say why), means over clips.
+    intervals: metric -> (low, high) 95 % bootstrap interval of that mean over clips. curves: metric ->
     {"x": frame or step indices, "y": the mean over clips, "xlabel"}. clips: per-clip details
     (JSON-able). examples: strips for the report.
     """
 
     name: str
     summary: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     curves: dict[str, dict[str, Any]] = field(default_factory=dict)
     clips: list[dict[str, Any]] = field(default_factory=list)
     examples: list[Example] = field(default_factory=list)
@@ -74,6 +78,34 @@ def nanmean(values: Sequence[float]) -> float:
     arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
     arr = arr[np.isfinite(arr)]
     return float(arr.mean()) if arr.size else math.nan
+
+
+def bootstrap_interval(
+    values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of the finite ``values`` (NaN, NaN with fewer than 2).
+
+    Clips are resampled with replacement ``resamples`` times from a fixed seed, so a report is
+    reproducible; the interval narrows like 1/sqrt(number of clips).
+    """
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    if arr.size < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = arr[rng.integers(0, arr.size, size=(resamples, arr.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def summarize(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+    """(means, 95 % bootstrap intervals) over clips of each key of the per-clip ``rows``."""
+    summary, intervals = {}, {}
+    for k in keys:
+        vals = [r.get(k, math.nan) for r in rows]
+        summary[k] = nanmean(vals)
+        intervals[k] = bootstrap_interval(vals)
+    return summary, intervals
 
 
 def mean_curve(rows: Sequence[tuple[Sequence[int], Sequence[float]]], xlabel: str) -> dict[str, Any]:

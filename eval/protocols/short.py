@@ -13,13 +13,15 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+import numpy as np
+
 from data.geometry import rebase_to_first
 from data.latents import latent_frame_index, num_frames
 from eval.lpips import LPIPS
 from eval.protocols.clips import EvalClip
 from eval.protocols.config import ProtocolConfig
 from eval.protocols.runner import VideoModel
-from eval.protocols.scoring import Example, ProtocolResult, camera_scores, frame_scores, mean_curve, nanmean
+from eval.protocols.scoring import Example, ProtocolResult, camera_scores, frame_scores, mean_curve, summarize
 
 __all__ = ["run_short"]
 
@@ -47,13 +49,15 @@ def run_short(model: VideoModel, clips: list[EvalClip], cfg: ProtocolConfig, lpi
         row = {"clip": clip.name, "latents": T, "frames": F, **{k: float(v.mean()) for k, v in scores.items()}}
         row.update({k: cam[k] for k in ("R_dist_deg", "T_dist", "T_dist_rel", "failed_pairs", "reason")})
         row.update({f"gt_{k}": oracle[k] for k in ("R_dist_deg", "T_dist", "T_dist_rel", "failed_pairs", "reason")})
+        row["camera_finite"], row["gt_camera_finite"] = float(np.isfinite(cam["R_dist_deg"])), float(np.isfinite(oracle["R_dist_deg"]))
         res.clips.append(row)
         for k, v in scores.items():
             curves.setdefault(k, []).append((range(1, F), v.tolist()))
         if len(res.examples) < cfg.num_examples:
             res.examples.append(Example(f"short {clip.name}", gt, gen))
-    keys = ["psnr", "ssim", "lpips", "R_dist_deg", "T_dist", "T_dist_rel", "gt_R_dist_deg", "gt_T_dist", "gt_T_dist_rel"]
-    res.summary = {k: nanmean([c.get(k, float("nan")) for c in res.clips]) for k in keys}
+    keys = ["psnr", "ssim", "lpips", "R_dist_deg", "T_dist", "T_dist_rel", "gt_R_dist_deg", "gt_T_dist", "gt_T_dist_rel",
+            "camera_finite", "gt_camera_finite"]
+    res.summary, res.intervals = summarize(res.clips, keys)
     res.summary["num_clips"] = len(res.clips)
     res.curves = {k: mean_curve(rows, "frame") for k, rows in curves.items()}
     res.seconds = time.perf_counter() - t0

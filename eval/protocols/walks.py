@@ -142,13 +142,16 @@ class EvalPath:
     notes: list[str] = field(default_factory=list)
 
 
-def _planned(kind: str, clip: EvalClip, T: int, stride: int, steps: MotionSteps, rng: np.random.Generator) -> EvalPath:
+def _planned(
+    kind: str, clip: EvalClip, T: int, stride: int, steps: MotionSteps, rng: np.random.Generator,
+    start: Optional[Tensor] = None,
+) -> EvalPath:
     """The synthetic planner's trajectory at the model's stride and steps, rendered."""
     from data.synthetic import TrajectoryConfig, plan_trajectory
 
     tcfg = TrajectoryConfig(stride=stride, latent_translation=steps.translation, latent_rotation_deg=steps.rotation_deg)
     F = num_frames(T, stride)
-    traj = plan_trajectory(kind, clip.scene, F, rng, tcfg)
+    traj = plan_trajectory(kind, clip.scene, F, rng, tcfg, start=start)
     c2w = traj.c2w[latent_frame_index(F, stride)]
     keys = latent_keys_from_frames(traj.keys, stride)
     truth = clip.render(c2w)
@@ -164,15 +167,21 @@ def _planned(kind: str, clip: EvalClip, T: int, stride: int, steps: MotionSteps,
 
 def plan_path(
     kind: str, clip: EvalClip, num_latents: int, stride: int, steps: MotionSteps, rng: np.random.Generator,
-    cfg: Optional[WalkConfig] = None,
+    cfg: Optional[WalkConfig] = None, start: Optional[Tensor] = None,
 ) -> EvalPath:
-    """A ``revisit`` or ``random`` path of ``num_latents`` latents for ``clip`` (see the module docstring)."""
+    """A ``revisit`` or ``random`` path of ``num_latents`` latents for ``clip`` (see the module docstring).
+
+    ``start`` (synthetic scenes only) fixes the first world pose c2w [4, 4], e.g. to branch a second
+    path off the first one's start (the ``control`` protocol).
+    """
     if kind not in ("revisit", "random"):
         raise ValueError(f"plan_path: kind must be 'revisit' or 'random', got {kind!r}")
     notes: list[str] = []
+    if start is not None and clip.scene is None:
+        raise ValueError(f"plan_path: {clip.name} has no synthetic scene; a start pose needs one")
     if clip.scene is not None:
         try:
-            return _planned(kind, clip, num_latents, stride, steps, rng)
+            return _planned(kind, clip, num_latents, stride, steps, rng, start)
         except ValueError as e:  # e.g. no free start in this scene
             notes.append(f"synthetic planner failed ({e}): walked from the clip's first pose instead")
     n = (num_latents + 1) // 2 if kind == "revisit" else num_latents
