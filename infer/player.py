@@ -231,6 +231,12 @@ class WorldPlayer:
         self.reset_seconds = sw.seconds
         return rgb
 
+    def prefix_latents(self, num_frames: int, max_latents: Optional[int] = None) -> int:
+        """History latents :meth:`reset_video` keeps of a ``num_frames`` video: whole chunks, at most
+        ``max_latents`` (0 when the video is shorter than one chunk)."""
+        available = 1 + (int(num_frames) - 1) // self.temporal_stride
+        return min(available, available if max_latents is None else int(max_latents)) // self.unit * self.unit
+
     def reset_video(
         self,
         video: np.ndarray,
@@ -269,7 +275,7 @@ class WorldPlayer:
         s, u, (H, W) = self.temporal_stride, self.unit, (self.height, self.width)
         F = frames.shape[0]
         available = 1 + (F - 1) // s
-        P = min(available, available if max_latents is None else int(max_latents)) // u * u
+        P = self.prefix_latents(F, max_latents)
         if P < u:
             raise InferError(
                 f"reset_video: {F} frames make {available} latents (max_latents={max_latents}); a video start needs at "

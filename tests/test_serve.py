@@ -24,6 +24,7 @@ from data.geometry import invert_rigid, make_intrinsics, normalize_intrinsics
 from data.latents import latent_poses
 from data.poseio import parse_pose_string
 from data.video import encode_mp4_bytes
+from infer.__main__ import main as infer_main
 from infer.config import PlayerConfig
 from infer.errors import InferError
 from infer.image import to_video_tensor
@@ -309,6 +310,36 @@ def test_dataset_clip_start_puts_its_frames_and_camera_into_memory(world):
         ws.send(json.dumps({"type": "keys", "held": ["s"], "seq": 1}))
         chunk = recv_json(ws, "chunk")
         assert chunk["context_latents"] == 8 and chunk["latents"] == 12
+        ws.send(json.dumps({"type": "pause"}))
+        ws.send(json.dumps({"type": "save"}))
+        saved = recv_json(ws, "saved")
+
+    # The download replays through python -m infer --video: the prefix's camera from the pose JSON, then the moves.
+    dl = world["root"] / "dl_video"
+    dl.mkdir()
+    for key in ("pose", "start", "sidecar"):
+        status, body, _ = http_get(world["url"], saved["files"][key])
+        assert status == 200
+        (dl / saved["files"][key].rsplit("/", 1)[1]).write_bytes(body)
+    stem = f"take{saved['take']}"
+    assert saved["replay"].endswith(f"--video {stem}_prefix.mp4 --pose {stem}_pose.json --seed 0 --out {stem}_replay.mp4")
+    session_side = json.loads((dl / f"{stem}.json").read_text())
+    out = dl / "replay.mp4"
+    assert infer_main(["--bundle", str(world["bundle"]), "--video", str(dl / f"{stem}_prefix.mp4"), "--pose",
+                       str(dl / f"{stem}_pose.json"), "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    replay = json.loads(out.with_suffix(".json").read_text())
+    ids = [lat["action_id"] for lat in session_side["latents"]]
+    assert [lat["action_id"] for lat in replay["latents"]] == ids and ids[:8] == [0] + [9] * 7 and len(ids) >= 12
+    assert replay["settings"]["start"] == {"kind": "video", "input_frames": 29, "frames": 29, "latents": 8, "camera": "poses"}
+    torch.testing.assert_close(torch.tensor([lat["c2w"] for lat in replay["latents"]]),
+                               torch.tensor([lat["c2w"] for lat in session_side["latents"]]), rtol=0, atol=1e-6)
+    # A pose string continues after the video (whose camera is then taken as still).
+    assert infer_main(["--bundle", str(world["bundle"]), "--video", str(dl / f"{stem}_prefix.mp4"), "--pose", "d-4",
+                       "--out", str(dl / "more.mp4"), "--quiet", "--device", "cpu"]) == 0
+    more = json.loads((dl / "more.json").read_text())
+    assert [lat["action_id"] for lat in more["latents"]] == [0] * 8 + [27] * 4 and more["video"]["frames"] == 29 + 16
+    assert infer_main(["--bundle", str(world["bundle"]), "--video", str(dl / f"{stem}_prefix.mp4"), "--pose", "d-3",
+                       "--out", str(dl / "bad.mp4"), "--quiet"]) == 2 and not (dl / "bad.mp4").exists()
 
 
 # --------------------------------------------------------------------------- the player's video start
