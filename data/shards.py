@@ -8,6 +8,7 @@ tar. One sample ``KEY`` is these tar members:
 |----------------------|-------------------------------------------------------------------------|
 | KEY.info.json        | format version and the clip's frames / height / width                   |
 | KEY.video.png        | lossless: all frames stacked vertically in one RGB PNG [F*H, W, 3], or  |
+| KEY.video.npy        | raw: uint8 [F, H, W, 3] (no encoding cost: for data rendered on a GPU), or |
 | KEY.video.mp4        | mp4: H.264 yuv420p at the writer's fps and crf (lossy)                  |
 | KEY.c2w.npy          | float32 [F, 4, 4]                                                       |
 | KEY.intrinsics.npy   | float32 [F, 3, 3] (``K``; webdataset lower-cases suffixes, hence the name) |
@@ -69,7 +70,7 @@ __all__ = [
 FORMAT_VERSION = 1
 FORMAT_NAME = "worldsmith-clips"
 INDEX_NAME = "index.json"
-VIDEO_ENTRIES = {"lossless": "video.png", "mp4": "video.mp4"}
+VIDEO_ENTRIES = {"lossless": "video.png", "mp4": "video.mp4", "raw": "video.npy"}
 DEPTH_DTYPES = ("float16", "float32")
 DEPTH_ENTRY = "depth.npy.zlib"
 ARRAY_ENTRIES = {"c2w": "c2w.npy", "K": "intrinsics.npy", "keys": "keys.npy"}
@@ -100,7 +101,7 @@ class ShardSettings:
 
     prefix: str = "clips"
     samples_per_shard: int = 64
-    video_format: str = "lossless"  # "lossless" (stacked PNG) or "mp4" (H.264, lossy)
+    video_format: str = "lossless"  # "lossless" (stacked PNG), "mp4" (H.264, lossy) or "raw" (uint8 .npy: no encode cost, ~3x the bytes)
     fps: float = 16.0  # mp4 only
     crf: int = 18  # mp4 only
     depth_dtype: str = "float16"
@@ -155,6 +156,8 @@ def encode_sample(clip: dict, settings: ShardSettings | None = None, where: str 
         if not ok:
             raise ClipError(where, "video", "PNG encoding failed")
         out["video.png"] = png.tobytes()
+    elif s.video_format == "raw":
+        out["video.npy"] = _npy_bytes(video.astype(np.uint8, copy=False))
     else:
         try:
             out["video.mp4"] = encode_mp4_bytes(video, fps=s.fps, crf=s.crf)
@@ -229,13 +232,17 @@ def decode_sample(raw: dict, where: str | None = None) -> dict:
     clip: dict[str, Any] = {}
     if "video.png" in entries:
         clip["video"] = _decode_png_video(entries["video.png"], info, where)
+    elif "video.npy" in entries:
+        clip["video"] = _load_npy(entries["video.npy"], where, "video.npy")
+        if clip["video"].dtype != np.uint8:
+            raise ShardError(where, "video.npy", f"expected uint8 frames, got {clip['video'].dtype}")
     elif "video.mp4" in entries:
         try:
             clip["video"] = decode_mp4_bytes(entries["video.mp4"], where=where)
         except VideoError as exc:
             raise ShardError(where, "video.mp4", exc.problem) from exc
     else:
-        raise ClipError(where, "video", f"missing: no 'video.png' or 'video.mp4' member (sample has {sorted(entries)})")
+        raise ClipError(where, "video", f"missing: no 'video.png', 'video.npy' or 'video.mp4' member (sample has {sorted(entries)})")
     expected = (info["frames"], info["height"], info["width"], 3)
     if clip["video"].shape != expected:
         raise ClipError(where, "video", f"decoded {list(clip['video'].shape)}, info.json says {list(expected)}")

@@ -43,8 +43,13 @@ def evaluate_bundles(
     cfg: Optional[ProtocolConfig] = None,
     names: Optional[Sequence[str]] = None,
     log=print,
+    variants: Sequence[tuple[str, Sequence[str]]] = (),
 ) -> ReportFiles:
-    """Evaluate each bundle on the first ``cfg.num`` clips of ``data`` and write the report under ``out``."""
+    """Evaluate each bundle on the first ``cfg.num`` clips of ``data`` and write the report under ``out``.
+
+    ``variants``: (suffix, sampling dotlist) pairs; each adds a row ``<name>+<suffix>`` per bundle,
+    sampled with those overrides (e.g. ``("nomem", ["memory.spatial_chunks=0", "memory.anchor=false"])``).
+    """
     cfg = cfg or ProtocolConfig()
     cfg.validate()
     chosen = parse_protocols(protocols)
@@ -55,18 +60,40 @@ def evaluate_bundles(
     lpips = LPIPS(cfg.lpips).to(cfg.device)
     log(f"[eval] {len(raw)} clips from {data}; protocols {chosen}; {lpips.status()}")
     reports = []
-    for path, name in zip(bundles, names):
+    runs = [(path, name, ()) for path, name in zip(bundles, names)]
+    runs += [(path, f"{name}+{suffix}", tuple(dots)) for path, name in zip(bundles, names) for suffix, dots in variants]
+    for path, name, dots in runs:
         t0 = time.perf_counter()
-        model = VideoModel.from_bundle(path, device=cfg.device, dtype=cfg.dtype, steps=cfg.steps, name=name)
+        model = VideoModel.from_bundle(path, device=cfg.device, dtype=cfg.dtype, steps=cfg.steps, name=name, sampling=dots)
         clips = prepare_clips(raw, model, cfg)
         results = evaluate(model, clips, chosen, cfg, lpips)
         meta = {k: model.meta.get(k) for k in _META_KEYS}
-        reports.append(BundleReport(name, str(Path(path).resolve()), results, meta, model.settings.to_dict()))
+        settings = {**model.settings.to_dict(), "overrides": list(dots)}
+        reports.append(BundleReport(name, str(Path(path).resolve()), results, meta, settings))
         log(f"[eval] {name}: " + "; ".join(f"{p} {r.seconds:.1f}s" for p, r in results.items())
             + f" ({time.perf_counter() - t0:.1f}s)")
         del model
     return write_report(out, reports, config=dataclasses.asdict(cfg), lpips_status=lpips.status(),
                         lpips_available=lpips.available, data=str(Path(data).resolve()), strip_frames=cfg.strip_frames)
+
+
+# Named variants: ``nomem`` keeps the context size but drops the anchor and retrieved chunks (recency only),
+# the "memory off" ablation of a bundle whatever its memory budget.
+VARIANTS = {"nomem": ["memory.spatial_chunks=0", "memory.anchor=false", "memory.temporal_latents=${memory.max_context}"]}
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``NAME:KEY=VALUE[,KEY=VALUE]`` (or a named variant, e.g. ``nomem``) -> (NAME, ["KEY=VALUE", ...]).
+
+    SystemExit naming the flag on bad input."""
+    if text.strip() in VARIANTS:
+        return text.strip(), list(VARIANTS[text.strip()])
+    name, sep, rest = text.partition(":")
+    dots = [d.strip() for d in rest.split(",") if d.strip()]
+    if not sep or not name.strip() or not dots or any("=" not in d for d in dots):
+        raise SystemExit(f"python -m eval: --variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE] "
+                         f"(e.g. g2:guidance=2) or one of {sorted(VARIANTS)}")
+    return name.strip(), dots
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--long-latents", type=int, default=None, help="default: 4 x each bundle's training window")
     p.add_argument("--action-latents", type=int, default=d.action_latents)
     p.add_argument("--control-latents", type=int, default=d.control_latents)
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="also evaluate every bundle with these sampling overrides, as row <bundle>+NAME "
+                        "(e.g. g2:guidance=2); 'nomem' = the same context size without anchor or retrieval")
     p.add_argument("--lpips-trunk", default=None, help="torchvision alexnet-owt-7be5be79.pth (default: $TORCH_HOME)")
     return p
 
@@ -100,7 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> ReportFiles:
         control_latents=args.control_latents, lpips=LPIPSConfig(trunk_path=args.lpips_trunk),
     )
     try:
-        files = evaluate_bundles(args.bundle, args.data, args.out, args.protocol, cfg, args.name)
+        files = evaluate_bundles(args.bundle, args.data, args.out, args.protocol, cfg, args.name,
+                                 variants=[parse_variant(v) for v in args.variant])
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"python -m eval: {e}") from e
     md = files.markdown.read_text()

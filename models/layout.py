@@ -47,6 +47,7 @@ __all__ = [
     "position_span",
     "check_trained_span",
     "clamp_memory",
+    "sliding_window",
 ]
 
 IMAGE_LATENT = 0  # the video latent that holds the conditioning image (image-to-video)
@@ -176,23 +177,29 @@ def position_span(memory: MemoryConfig, unit: int) -> int:
 
 
 def clamp_memory(memory: MemoryConfig, unit: int, span: int) -> MemoryConfig:
-    """The memory config shrunk so max_context + unit <= span: anchor and retrieved chunks kept, the
-    temporal window shortened first, then retrieved chunks dropped. ValueError if even that cannot fit."""
+    """The memory config shrunk so max_context + unit <= span, recency first: the temporal window keeps as
+    many latents as fit, then the anchor, then retrieved chunks get what is left. ValueError if no unit fits."""
     C = memory.chunk_size
     max_ctx = (span - unit) // C * C
     if max_ctx < 0:
         raise ValueError(f"a trained span of {span} positions cannot hold one unit of {unit} latents")
     if memory.max_context <= max_ctx:
         return memory
-    spatial = memory.spatial_chunks
-    fixed = C * (int(memory.anchor) + spatial)
-    while fixed > max_ctx and spatial > 0:
-        spatial -= 1
-        fixed = C * (int(memory.anchor) + spatial)
-    anchor = memory.anchor and fixed <= max_ctx
-    fixed = C * (int(anchor) + spatial)
-    temporal = max(0, min(memory.temporal_latents, max_ctx - fixed))
+    temporal = min(memory.temporal_latents, max_ctx)
+    anchor = memory.anchor and temporal + C <= max_ctx
+    spatial = min(memory.spatial_chunks, (max_ctx - temporal - C * int(anchor)) // C)
     return replace(memory, max_context=max_ctx, temporal_latents=temporal, spatial_chunks=spatial, anchor=anchor,
+                   fov_deg=list(memory.fov_deg), ref_offsets=list(memory.ref_offsets))
+
+
+def sliding_window(memory: MemoryConfig, unit: int, span: int) -> MemoryConfig:
+    """A recency-only memory (the last span - unit latents, no anchor, no retrieval): the layouts a model
+    trained on contiguous windows (pretraining) has seen."""
+    C = memory.chunk_size
+    window = (span - unit) // C * C
+    if window < 0:
+        raise ValueError(f"a trained span of {span} positions cannot hold one unit of {unit} latents")
+    return replace(memory, max_context=window, temporal_latents=window, spatial_chunks=0, anchor=False,
                    fov_deg=list(memory.fov_deg), ref_offsets=list(memory.ref_offsets))
 
 

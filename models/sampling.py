@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from models.layout import check_trained_span
 from models.rollout import RolloutConfig
 
 VIDEO_KEYS = (
     "height", "width", "fps", "model_type", "translation_step", "rotation_step_deg",
     "translation_threshold", "rotation_threshold_deg", "fov_x_deg", "negative_prompt",
+    "trained_positions",  # temporal positions 0..n-1 were trained: AR sampling must not reach beyond them
 )
 
 
@@ -43,4 +45,6 @@ def split_sampling(section: Mapping[str, Any] | RolloutConfig, where: str) -> tu
         rcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RolloutConfig), section))
     except Exception as e:  # omegaconf's validation errors and RolloutConfig.validate's ValueError
         raise ValueError(f"{where}: sampling: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    trained = video.get("trained_positions")
+    check_trained_span(rcfg.memory, rcfg.unit, rcfg.mode, None if trained is None else int(trained), where)
     return rcfg, video

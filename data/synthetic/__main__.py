@@ -24,7 +24,7 @@ import numpy as np
 
 from data.latents import num_latents
 from data.shards import ShardWriter
-from data.synthetic.config import SyntheticConfig
+from data.synthetic.config import SyntheticConfig, TrajectoryConfig
 from data.synthetic.dataset import iter_dataset_clips
 from data.synthetic.trajectories import TRAJECTORY_KINDS
 from data.video import write_mp4, write_png_strip
@@ -38,7 +38,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="square frame size in pixels")
     p.add_argument("--trajectory", default="mixed", choices=TRAJECTORY_KINDS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--video-format", default="lossless", choices=("lossless", "mp4"))
+    p.add_argument("--video-format", default="lossless", choices=("lossless", "mp4", "raw"),
+                   help="lossless: stacked PNG; raw: uint8 .npy (no encoding: keeps up with --device cuda); mp4: lossy")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N: where frames are ray cast (cuda: one process)")
+    p.add_argument("--supersample", type=int, default=1, help="s x s rays per pixel, box-filtered (anti-aliasing)")
+    p.add_argument("--no-depth", action="store_true", help="do not store depth maps")
+    p.add_argument("--stride", type=int, default=None,
+                   help="video frames per latent of the trajectories (default 4); one latent of a held key moves "
+                        "--latent-translation / turns --latent-rotation")
+    p.add_argument("--latent-translation", type=float, default=None, help="units per latent of a held move key (default 0.08)")
+    p.add_argument("--latent-rotation", type=float, default=None, help="degrees per latent of a held turn key (default 3)")
     p.add_argument("--scenes", type=int, default=None, help="distinct scenes (default: one per clip)")
     p.add_argument("--fov", type=float, default=90.0, help="horizontal field of view in degrees")
     p.add_argument("--fps", type=float, default=16.0)
@@ -61,8 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--scenes must be >= 1, got {scenes}")
     if args.workers < 1 or args.threads < 1:
         raise SystemExit(f"--workers and --threads must be >= 1, got {args.workers}, {args.threads}")
+    motion = TrajectoryConfig()
+    for field_name, value in (("stride", args.stride), ("latent_translation", args.latent_translation),
+                              ("latent_rotation_deg", args.latent_rotation)):
+        if value is not None:
+            setattr(motion, field_name, value)
     cfg = SyntheticConfig(num_frames=args.frames, height=args.size, width=args.size, fov_x_deg=args.fov,
-                          fps=args.fps, trajectory=args.trajectory)
+                          fps=args.fps, trajectory=args.trajectory, motion=motion, supersample=args.supersample)
     try:
         num_latents(args.frames, cfg.motion.stride)
     except ValueError as exc:
@@ -72,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     previews: list[np.ndarray] = []
     with ShardWriter(out, prefix="clips", samples_per_shard=args.samples_per_shard, video_format=args.video_format,
                      fps=args.fps, overwrite=args.overwrite) as writer:
-        for i, clip in enumerate(iter_dataset_clips(args.clips, scenes, args.seed, cfg, args.workers, args.threads)):
+        clips = iter_dataset_clips(args.clips, scenes, args.seed, cfg, args.workers, args.threads, args.device, not args.no_depth)
+        for i, clip in enumerate(clips):
             writer.write(clip)
             if i < args.preview_clips:
                 previews.append(clip["video"])

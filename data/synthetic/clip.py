@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import numpy as np
+import torch
 
 from data.contract import validate_clip
 from data.geometry import make_intrinsics
@@ -28,11 +29,15 @@ def make_clip(
     scene: Scene | None = None,
     scene_seed: int | None = None,
     kind: str | None = None,
+    device: str | torch.device = "cpu",
+    depth: bool = True,
 ) -> dict:
-    """A contract clip (numpy arrays, with depth) from ``seed``; the same arguments give the same bytes.
+    """A contract clip (numpy arrays, with depth unless ``depth=False``) from ``seed``.
 
     The scene is ``scene``, else ``Scene.random(scene_seed)`` (default ``seed``); the trajectory
-    kind is ``kind``, else ``config.trajectory``; the trajectory draws from ``seed``.
+    kind is ``kind``, else ``config.trajectory``; the trajectory draws from ``seed``. The frames are
+    ray cast on ``device`` (the same code on a CPU or a GPU); the same arguments give the same
+    poses and keys on every device, and the same bytes on the same device.
     """
     cfg = config or SyntheticConfig()
     if scene is None:
@@ -43,7 +48,7 @@ def make_clip(
     traj = plan_trajectory(requested, scene, cfg.num_frames, rng, cfg.motion)
     K = make_intrinsics(cfg.fov_x_deg, cfg.width, cfg.height)
     c2w = traj.c2w.float()
-    video, depth = render(scene, c2w, K, cfg.height, cfg.width)
+    video, depth_map = render(scene, c2w.to(device), K.to(device), cfg.height, cfg.width, supersample=cfg.supersample)
     steps = frame_steps(cfg.motion)
     meta = {
         "source": "synthetic",
@@ -57,19 +62,21 @@ def make_clip(
         "step_translation": steps.translation,
         "step_rotation_deg": steps.rotation_deg,
         "fov_x_deg": float(cfg.fov_x_deg),
+        "supersample": int(cfg.supersample),
         "world_up": [0.0, -1.0, 0.0],
         **traj.info,
     }
     if scene.config is not None:  # with scene_seed, enough to rebuild the scene: Scene.random(seed, SceneConfig(**d))
         meta["scene_config"] = asdict(scene.config)
     clip = {
-        "video": video.numpy(),
+        "video": video.cpu().numpy(),
         "c2w": c2w.numpy(),
         "K": K.expand(cfg.num_frames, 3, 3).numpy().copy(),
         "keys": traj.keys.numpy(),
         "caption": scene.caption(),
         "meta": meta,
-        "depth": depth.numpy(),
     }
+    if depth:
+        clip["depth"] = depth_map.cpu().numpy()
     validate_clip(clip, where=f"synthetic clip seed={seed}")
     return clip

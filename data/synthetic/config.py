@@ -73,6 +73,7 @@ class SyntheticConfig:
     height: int = 64
     width: int = 64
     fov_x_deg: float = 90.0  # WorldPlay's default K (fx 969.7 at 1920 wide) is ~89.4 deg
+    supersample: int = 1  # s x s rays per pixel, box-filtered (anti-aliasing; the small demo sizes need it)
     fps: float = 16.0
     trajectory: str = "mixed"  # random | revisit | orbit | mixed
     scene: SceneConfig = field(default_factory=SceneConfig)

@@ -63,7 +63,8 @@ class EvalClip:
         from data.synthetic import render
 
         H0, W0 = self.native_hw
-        rgb, _ = render(self.scene, torch.as_tensor(c2w).float(), self.native_K.float(), H0, W0)
+        rgb, _ = render(self.scene, torch.as_tensor(c2w).float(), self.native_K.float(), H0, W0,
+                        supersample=int(self.meta.get("supersample", 1)))
         N = rgb.shape[0]
         frames, _ = fit_frames(rgb.cpu().numpy(), self.native_K.expand(N, 3, 3), self.video.shape[1], self.video.shape[2])
         return frames
@@ -101,7 +102,7 @@ def prepare_clip(clip: dict, name: str, height: int, width: int, scene_match_psn
         from data.synthetic import render
 
         try:
-            rgb, _ = render(scene, c2w[:1].float(), K_native[0].float(), H0, W0)
+            rgb, _ = render(scene, c2w[:1].float(), K_native[0].float(), H0, W0, supersample=int(meta.get("supersample", 1)))
             match = min(float(psnr(rgb.cpu(), torch.from_numpy(video[:1]))[0]), 1e3)
         except ValueError as e:
             scene, note, match = None, f"scene seed does not render the clip's first pose: {e}", float("nan")

@@ -16,7 +16,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -118,9 +118,10 @@ class VideoModel:
     @classmethod
     def from_bundle(
         cls, directory: Union[str, os.PathLike], *, device: str = "cpu", dtype: str = "fp32",
-        steps: Optional[int] = None, name: Optional[str] = None,
+        steps: Optional[int] = None, name: Optional[str] = None, sampling: Sequence[str] = (),
     ) -> "VideoModel":
-        """Load a bundle (strictly) and wrap it; ``steps`` overrides its denoising steps."""
+        """Load a bundle (strictly) and wrap it; ``steps`` overrides its denoising steps, ``sampling`` is a
+        dotlist of overrides of its sampling section (``["memory.spatial_chunks=0", "guidance=2"]``) for ablations."""
         from models.bundle import load_bundle, read_bundle_config, read_bundle_meta
 
         directory = Path(directory)
@@ -129,7 +130,13 @@ class VideoModel:
         meta = read_bundle_meta(directory)
         window = (meta.get("data") or {}).get("num_latents") if isinstance(meta.get("data"), Mapping) else None
         # The sampling section is checked before any weights are read.
-        settings = settings_from_sampling(read_bundle_config(directory)["sampling"], f"bundle {directory}",
+        section = read_bundle_config(directory)["sampling"]
+        if sampling:
+            from omegaconf import OmegaConf
+
+            merged = OmegaConf.merge(OmegaConf.create(dict(section)), OmegaConf.from_dotlist(list(sampling)))
+            section = OmegaConf.to_container(merged, resolve=True)  # overrides may refer to the section's own keys
+        settings = settings_from_sampling(section, f"bundle {directory}" + (f" with {list(sampling)}" if sampling else ""),
                                           steps=steps, train_latents=None if window is None else int(window))
         bundle = load_bundle(directory, device=device, dtype=_DTYPES[dtype])
         vm = cls(bundle.model, bundle.autoencoder, settings, text_encoder=bundle.text_encoder, device=device,

@@ -24,6 +24,7 @@ from models.autoencoders import AutoencoderConfig, build_autoencoder
 from models.bundle import load_bundle, read_bundle_meta, save_bundle
 from models.config import WorldDiTConfig
 from models.dit import WorldDiT
+from models.layout import check_trained_span
 from models.rollout import Rollout, RolloutConfig
 from models.text_encoders import TextEncoderConfig, build_text_encoder
 from train.config import EMAConfig
@@ -83,6 +84,7 @@ class FlowStage(Stage):
         self.text_encoder: Optional[nn.Module] = None
         self.generator: Optional[torch.Generator] = None
         self.parent: Optional[dict[str, Any]] = None
+        self.parent_positions: Optional[int] = None  # temporal positions the parent bundle was trained on
         self._val_batch: Optional[dict[str, Any]] = None
 
     # ---------------------------------------------------------------- roles and data
@@ -94,6 +96,7 @@ class FlowStage(Stage):
             parent = load_bundle(self.cfg.init, load_autoencoder=False, load_text_encoder=False)
             model.load_state_dict(parent.model.state_dict(), strict=True)
             self.parent = {"path": str(Path(self.cfg.init).resolve()), **{k: parent.meta.get(k) for k in ("stage", "step", "config_hash", "code_version", "created")}}
+            self.parent_positions = parent.sampling.get("trained_positions")
         if self.cfg.lora.enabled:
             model = apply_lora(model, self.cfg.lora)
         self.autoencoder = build_autoencoder(_structured(AutoencoderConfig, self.cfg.autoencoder)).to(ctx.device).eval()
@@ -213,7 +216,24 @@ class FlowStage(Stage):
         s["translation_threshold"] = float(self.cfg.data.translation_threshold)
         s["rotation_threshold_deg"] = float(self.cfg.data.rotation_threshold_deg)
         s.update(self._data_motion_units())
+        span = self.trained_positions()
+        if span is not None and self.scfg.mode == "causal":
+            # Sampling may not reach temporal positions training never saw: shrink the memory (warning).
+            rcfg = self.rollout_config()
+            mem = check_trained_span(rcfg.memory, rcfg.unit, rcfg.mode, span, "bundle export", clamp=True)
+            s["memory"] = asdict(mem)
+            s["trained_positions"] = span
         return s
+
+    def trained_positions(self) -> Optional[int]:
+        """Temporal positions 0..n-1 this stage (and its parent) trained on; None if not a fixed span."""
+        own = self.sequence_length()
+        spans = [int(v) for v in (own, self.parent_positions) if v is not None]
+        return max(spans) if spans else None
+
+    def sequence_length(self) -> Optional[int]:
+        """Latents in one training sequence (positions 0..n-1); pretraining trains whole windows."""
+        return int(self.cfg.data.num_latents)
 
     def _data_motion_units(self, windows: int = 8) -> dict[str, float]:
         """Per-latent key increments and field of view of the training data, measured on a few windows.

@@ -7,8 +7,10 @@ sampler calls at inference, on the same ``sampling.memory`` config), packed as
 *window* sample: the first latents of the clip, contiguous, per-chunk noise, loss on all. Both
 have ``max_context + chunk`` latents, so they batch. Context latents are clean (sigma tag
 ``sampling.context_sigma``, as the sampler caches them) or lightly noised up to
-``context_sigma_max``. A curriculum bounds how far into the clip targets may lie, so retrieval
-distances grow over training.
+``context_sigma_max``. With ``self_history_prob`` the most recent context latents of a batch's memory
+samples are the model's own no-grad rollout through the inference sampler (exposure bias: at inference
+the history is generated, errors included). A curriculum bounds how far into the clip targets may lie,
+so retrieval distances grow over training.
 
 ``mode=bidirectional`` trains the Context-Forcing teacher: a window of ``sampling.window_latents``
 with the union memory of its chunks (``models.layout.teacher_layout``), full attention.
@@ -16,12 +18,13 @@ with the union memory of its chunks (``models.layout.teacher_layout``), full att
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from models.layout import chunk_layout, teacher_layout, window_layout
+from models.rollout import Rollout
 from train.stage import register_stage
 from train.stages.flow_stage import FlowStage, FlowStageConfig
 from train.stages.inputs import ModelInputs, clip_inputs, layout_inputs
@@ -35,6 +38,12 @@ class MidtrainConfig(FlowStageConfig):
     name: str = "midtrain"
     memory_prob: float = 0.8  # fraction of memory samples (the rest are plain windows)
     context_sigma_max: float = 0.0  # >0: noise each context chunk with sigma ~ U[context_sigma, max] (WorldPlay: 0.5)
+    # Exposure bias: with this probability a batch's memory samples see their most recent context latents as
+    # the model itself generates them (a no-grad rollout through the inference sampler from the true history
+    # before them), so training sees the history the sampler will feed at inference, errors included.
+    self_history_prob: float = 0.0
+    self_history_latents: int = 0  # latents regenerated before the target (0: sampling.memory.temporal_latents)
+    self_history_steps: int = 4  # Euler steps of those rollouts
     # [from_step, max_latents] pairs: targets may lie up to max_latents into the clip from from_step on.
     curriculum: list[list[int]] = field(default_factory=lambda: [[0, 32], [500, 64], [1000, 96], [2000, 128], [3000, 160]])
 
@@ -61,6 +70,10 @@ class Midtrain(FlowStage):
         self.layout_rng = torch.Generator().manual_seed(ctx.seed * 1000 + ctx.rank + 29)
         return roles
 
+    def sequence_length(self) -> int | None:
+        """Causal memory samples are max_context + chunk latents at positions 0..n-1; teacher layouts vary."""
+        return self.seq_len if self.scfg.mode == "causal" else None
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "layout_rng": self.layout_rng.get_state()}
 
@@ -76,21 +89,53 @@ class Midtrain(FlowStage):
         C, M = self.scfg.chunk_size, self.mem.max_context
         if T < self.seq_len:
             raise ValueError(f"data.num_latents={T} is shorter than a mid-train sample of {self.seq_len} latents (sampling.memory.max_context + chunk)")
-        clip = clip_inputs(batch, x0, C)
         length = curriculum_length(self.scfg.curriculum, step, T)
         c2w = batch["c2w"].to(torch.float64)  # host-side poses: layouts are chosen without device syncs
-        layouts = []
+        # Targets start at or after M so the context is always full (WorldPlay: cur >= 24).
+        starts = list(range(-(-M // C) * C, length - C + 1, C))
+        rng = self.layout_rng
+        self_history = bool(starts) and float(torch.rand((), generator=rng)) < self.scfg.self_history_prob
+        shared = starts[int(torch.randint(len(starts), (), generator=rng))] if self_history else None
+        layouts, memory_rows = [], []
         for b in range(B):
-            # Targets start at or after M so the context is always full (WorldPlay: cur >= 24).
-            starts = list(range(-(-M // C) * C, length - C + 1, C))
-            use_memory = bool(starts) and float(torch.rand((), generator=self.layout_rng)) < self.scfg.memory_prob
+            use_memory = bool(starts) and float(torch.rand((), generator=rng)) < self.scfg.memory_prob
             if use_memory:
-                cur = starts[int(torch.randint(len(starts), (), generator=self.layout_rng))]
+                # one target for the batch's self-history samples: their rollouts run as one batch
+                cur = shared if self_history else starts[int(torch.randint(len(starts), (), generator=rng))]
                 layouts.append(chunk_layout(c2w[b : b + 1, :cur], c2w[b : b + 1, cur : cur + C], self.mem))
+                memory_rows.append(b)
             else:
                 layouts.append(window_layout(1, 0, self.seq_len))
+        if self_history and memory_rows:
+            x0 = self._self_history(batch, x0, memory_rows, shared)
+        clip = clip_inputs(batch, x0, C)
         sigma = window_sigmas(B, self.seq_len, self.scfg, self.generator, x0.device)
         return layout_inputs(clip, layouts, sigma, self._context_sigma(B, self.seq_len, x0.device))
+
+    @torch.no_grad()
+    def _self_history(self, batch: dict[str, Any], x0: torch.Tensor, rows: list[int], cur: int) -> torch.Tensor:
+        """x0 with latents [cur - n, cur) of ``rows`` replaced by the model's own rollout from the true history
+        before them (the inference sampler, ``self_history_steps`` Euler steps; the anchor chunk stays true)."""
+        C = self.scfg.chunk_size
+        n = self.scfg.self_history_latents or self.mem.temporal_latents
+        start = max(C, cur - n // C * C)
+        if start >= cur:
+            return x0
+        model = self.models["student"]
+        model = getattr(model, "module", model)  # DDP wraps; the sampler needs the cache methods
+        rcfg = replace(self.rollout_config(), schedule="euler", steps=self.scfg.self_history_steps, guidance=1.0)
+        rollout = Rollout(model, rcfg)
+        idx = torch.tensor(rows, device=x0.device)
+        sub = x0[idx]
+        cond = {k: batch[k].to(x0.device)[idx] for k in ("actions", "w2c", "K")}
+        state = rollout.start(sub[:, :, 0])
+        rollout.extend(state, sub[:, :, :start], cond["actions"][:, :start], cond["w2c"][:, :start].float(), cond["K"][:, :start].float())
+        for s in range(start, cur, C):
+            rollout.step(state, cond["actions"][:, s : s + C], cond["w2c"][:, s : s + C].float(), cond["K"][:, s : s + C].float(),
+                         generator=self.generator)
+        out = x0.clone()
+        out[idx, :, start:cur] = state.latents[:, :, start:cur].to(out.dtype)
+        return out
 
     def _context_sigma(self, B: int, L: int, device: torch.device) -> torch.Tensor:
         """Sigma of context latents [B, L]: the sampler's cache tag, or per-chunk noise up to context_sigma_max."""

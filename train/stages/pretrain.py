@@ -8,13 +8,13 @@ dropout for guidance.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from models.flow import chunk_sigmas, sample_train_sigma
-from models.layout import window_layout
+from models.layout import sliding_window, window_layout
 from train.stage import register_stage
 from train.stages.flow_stage import FlowStage, FlowStageConfig
 from train.stages.inputs import ModelInputs, clip_inputs, layout_inputs
@@ -40,6 +40,15 @@ def window_sigmas(B: int, T: int, scfg: FlowStageConfig, generator: torch.Genera
 
 @register_stage("pretrain")
 class Pretrain(FlowStage):
+    def bundle_sampling(self) -> dict[str, Any]:
+        """Pretraining sees contiguous windows only, so its bundle samples with a sliding window of the
+        trained length (no anchor or retrieved chunks: those layouts come with mid-training)."""
+        s = super().bundle_sampling()
+        if self.scfg.mode == "causal":
+            rcfg = self.rollout_config()
+            s["memory"] = asdict(sliding_window(rcfg.memory, rcfg.unit, self.trained_positions()))
+        return s
+
     def make_inputs(self, batch: dict[str, Any], x0: torch.Tensor, step: int) -> ModelInputs:
         causal = self.scfg.mode == "causal"
         if causal and x0.shape[2] % self.scfg.chunk_size:
