@@ -77,6 +77,56 @@ def test_midtrain_sample_holds_the_samplers_context(long_clips):
         assert torch.all(inp.sigma[b, : mem.max_context] == 0)  # clean context, like the sampler's cache
 
 
+def test_midtrain_self_history_is_the_samplers_own_rollout(long_clips):
+    """With self_history_prob=1 the recent context of a memory sample is what the inference sampler makes
+    from the true history before it (same noise), and the target chunk stays the true latents."""
+    from dataclasses import replace as dc_replace
+
+    from models.rollout import Rollout, RolloutConfig
+    from omegaconf import OmegaConf
+    from train.data import DataConfig, build_train_loader
+    from train.stage import StageContext
+    from train.stages.midtrain import Midtrain
+
+    over = ["stage.memory_prob=1.0", "stage.self_history_prob=1.0", "stage.self_history_steps=2", "stage.curriculum=[[0,24]]"]
+    cfg = OmegaConf.to_object(cfg_for("demo_midtrain", f"data.path={long_clips}", *SMALL, *over))
+    stage = Midtrain(cfg)
+    roles = stage.build(StageContext(device=torch.device("cpu"), rank=0, world_size=1, seed=0, out_dir=Path("."), compute_dtype=torch.float32))
+    stage.device = torch.device("cpu")
+    model = roles["student"].module.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a non-trivial function (the init zeroes the output layer)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    stage.models = {"student": model}
+    batch = next(build_train_loader(DataConfig(**{**cfg.data.__dict__, "window": "start", "batch_size": 2}), 1, seed=0))
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 48, 24, 4, 4, generator=g)
+    layout_state, noise_state = stage.layout_rng.get_state(), stage.generator.get_state()
+    inp = stage.make_inputs(batch, x0, step=0)
+    # Redo the choices: the shared target, then the rollout with the stage's noise stream.
+    stage.layout_rng.set_state(layout_state)
+    torch.rand((), generator=stage.layout_rng)
+    C, M, n = 4, stage.mem.max_context, stage.mem.temporal_latents
+    starts = list(range(M, 24 - C + 1, C))
+    cur = starts[int(torch.randint(len(starts), (), generator=stage.layout_rng))]
+    gen = torch.Generator().set_state(noise_state)
+    ro = Rollout(model, dc_replace(stage.rollout_config(), schedule="euler", steps=2, guidance=1.0))
+    state = ro.start(x0[:, :, 0])
+    start = cur - n
+    ro.extend(state, x0[:, :, :start], batch["actions"][:, :start], batch["w2c"][:, :start].float(), batch["K"][:, :start].float())
+    for s in range(start, cur, C):
+        ro.step(state, batch["actions"][:, s : s + C], batch["w2c"][:, s : s + C].float(), batch["K"][:, s : s + C].float(), generator=gen)
+    for b in range(2):
+        lay_idx = inp.t_pos[b]  # positions 0..M+C-1; which clip latents: recover the target from the loss mask
+        target = inp.loss_mask[b].nonzero().flatten()
+        assert torch.equal(inp.x0[b][:, target], x0[b, :, cur : cur + C])  # the targets are true latents
+        recent = inp.x0[b][:, M - n : M]  # the context's last n slots are latents cur-n..cur-1
+        assert torch.allclose(recent, state.latents[b, :, start:cur], atol=1e-6)
+        assert not torch.allclose(recent, x0[b, :, start:cur])
+        assert lay_idx.tolist() == list(range(M + C))
+
+
 def test_bad_config_and_missing_data_fail_clearly(tmp_path):
     from hydra.errors import ConfigCompositionException
 
