@@ -1,6 +1,6 @@
 """Preemption for Hydra sweeps on SLURM (``hydra/launcher=slurm``, hydra-submitit-launcher).
 
-Each sweep point runs as a task of one SLURM job array, in ``<sweep dir>/<num>_<overrides>/``.
+Each sweep point runs as a task of one SLURM job array, in ``<sweep dir>/<num>_<swept values>/``.
 The stock launcher does not know our trainer: on SIGUSR1/SIGTERM the trainer checkpoints, writes
 ``status.json`` (``"preempted"``) and ends with ``SystemExit(75)``, which submitit records as
 neither a result nor an error. :class:`RequeueOnPreemption`, a Hydra callback configured by the

@@ -117,8 +117,8 @@ def test_cli_dry_run_names_the_run_and_refuses_what_cannot_requeue(tmp_path, mon
     assert slurm_main(["experiment=demo", "--nodes", "2", "--gpus-per-node", "8", "optim.lr=0.1", "--cluster", "example", "--dry-run"]) == 0
     script = capsys.readouterr().out
     run_dir = re.search(r"^export WORLDSMITH_RUN_DIR=(.+)$", script, re.M).group(1)
-    # named as `python -m train` names it: outputs/<experiment name>/<time>_<overrides>
-    assert re.fullmatch(re.escape(str(tmp_path / "outputs" / "demo")) + r"/\d{8}-\d{6}_optim\.lr=0\.1", run_dir), run_dir
+    # named as `python -m train` names it: outputs/<experiment name>/<time>_<slug>_<id>
+    assert re.fullmatch(re.escape(str(tmp_path / "outputs" / "demo")) + r"/\d{8}-\d{6}_lr-0\.1_[0-9a-f]{8}", run_dir), run_dir
     assert "#SBATCH --job-name=ws-demo" in script and "#SBATCH --partition=gpu" in script
     assert not (tmp_path / "outputs").exists()  # a dry run creates nothing
 
@@ -132,6 +132,37 @@ def test_cli_dry_run_names_the_run_and_refuses_what_cannot_requeue(tmp_path, mon
     for argv, message in cases:
         assert slurm_main([*argv, "--dry-run"]) == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+def test_cli_checks_gpus_time_environment_and_a_failed_sbatch_upfront(tmp_path, monkeypatch, capsys):
+    """Issue 15.6: no silent CPU job, the preset's environment, time vs signal, a failed sbatch leaves nothing."""
+    monkeypatch.chdir(tmp_path)
+    # neither --gpus-per-node nor the preset says how many GPUs: an error, not a CPU job
+    assert slurm_main(["experiment=demo", "--nodes", "2", "--dry-run"]) == 2
+    assert "--gpus-per-node" in capsys.readouterr().err
+    assert slurm_main(["experiment=demo", "--gpus-per-node", "0", "--dry-run"]) == 0  # a CPU job, asked for
+    cpu = capsys.readouterr().out
+    assert "#SBATCH --gpus-per-node" not in cpu and "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in cpu and 'NCCL_DEBUG="${NCCL_DEBUG:-WARN}"' in cpu
+    # the interpreter is the one the preset's setup activates, found after the setup ran
+    assert slurm_main(["experiment=demo", "--cluster", "example", "--nccl-debug", "INFO", "--nccl-ifname", "ib0", "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    assert sys.executable not in script and 'PYTHON="$(command -v python || command -v python3)"' in script
+    assert script.index("source $HOME/worldsmith/.venv/bin/activate") < script.index("PYTHON=") < script.index("srun ")
+    assert "export NCCL_DEBUG=INFO" in script and "NCCL_SOCKET_IFNAME=ib0 GLOO_SOCKET_IFNAME=ib0" in script
+    assert script.index("export NCCL_DEBUG=INFO") > script.index("module load")  # the flag wins over the setup
+    _bash_syntax_ok(script, tmp_path)
+    # a time limit the preemption signal would precede
+    assert slurm_main(["experiment=demo", "--cluster", "example", "--time", "1", "--dry-run"]) == 2
+    assert "signal_delay_s 120" in capsys.readouterr().err
+    # a failed sbatch: a message, no traceback, no run directory
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: gpu' >&2\nexit 1\n")
+    (fake / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    assert slurm_main(["experiment=demo", "--cluster", "example"]) == 1
+    assert "invalid partition" in capsys.readouterr().err
+    assert not (tmp_path / "outputs").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,7 +212,7 @@ def test_hydra_launcher_presets_take_the_cluster_preset():
     assert cfg.hydra.callbacks.requeue_on_preemption._target_ == "launch.sweep.RequeueOnPreemption"
     from omegaconf import OmegaConf
 
-    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}_${hydra.job.override_dirname}"  # named by overrides
+    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"].startswith("${hydra.job.num}${ws_point_name:")  # named by the swept overrides
     # one preset file serves both paths: every ClusterConfig field is a submitit launcher field
     import dataclasses
 
@@ -297,7 +328,8 @@ def workdir(tmp_path_factory):
 def submit(cluster, workdir: Path, run_name: str, *flags: str) -> tuple[str, Path]:
     """``python -m launch.slurm`` the tiny experiment; returns (job id, run directory)."""
     run_dir = workdir / "runs" / run_name
-    cmd = [PY, "-m", "launch.slurm", SEARCHPATH, "experiment=slurm_tiny", "--cluster", str(TEST_PRESET), "--run-dir", str(run_dir), *flags]
+    cmd = [PY, "-m", "launch.slurm", SEARCHPATH, "experiment=slurm_tiny", "--cluster", str(TEST_PRESET), "--gpus-per-node", "0",
+           "--run-dir", str(run_dir), *flags]
     done = subprocess.run(cmd, cwd=workdir, env=cluster.env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     job = re.search(r"submitted job (\d+):", done.stdout).group(1)
@@ -409,7 +441,7 @@ def test_hydra_sweep_runs_each_point_as_a_job_and_requeues_a_preempted_one(clust
     out = open(workdir / "sweep.log", "w")
     proc = subprocess.Popen(cmd, cwd=workdir, env=cluster.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        points = [sweep_dir / "0_optim.lr=0.001", sweep_dir / "1_optim.lr=0.002"]  # <num>_<overrides>
+        points = [sweep_dir / "0_lr-0.001", sweep_dir / "1_lr-0.002"]  # <num>_<swept overrides>
         def point0_at_step2() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"the sweep ended early ({proc.returncode}):\n{(workdir / 'sweep.log').read_text()[-4000:]}")

@@ -133,9 +133,16 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 
 def resolve_resume(ckpt_dir: Path, resume: Optional[str]) -> Optional[Path]:
-    """The checkpoint to resume from: None; ``"latest"`` (None when there is none yet); or a path."""
+    """The checkpoint to resume from: None; ``"latest"`` (None when there is none yet); a checkpoint
+    directory; or a run directory (its latest checkpoint, an error when it has none)."""
     if resume is None or resume == "":
         return None
+    path = Path(resume)
+    if resume != "latest" and path.is_dir() and not (path / MARKER).exists() and (path / "ckpt").is_dir():
+        found = resolve_resume(path / "ckpt", "latest")
+        if found is None:
+            raise CheckpointError(f"checkpoint.resume={resume}: the run directory has no complete checkpoint in {path / 'ckpt'}")
+        return found
     if resume == "latest":
         pointer = Path(ckpt_dir) / LATEST
         if pointer.is_file():

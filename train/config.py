@@ -126,7 +126,9 @@ class CheckpointConfig:
 
     every: int = 1000  # save every N steps (0 = only final / preemption)
     keep_last: int = 3  # keep the newest N complete checkpoints (0 = keep all)
-    resume: Optional[str] = None  # "latest" (fresh start if none) | a checkpoint directory | None
+    # "latest": the run directory's latest checkpoint (a fresh start when it has none; `python -m train`
+    # first finds the run directory, train/runs.py) | a run directory | a checkpoint directory | None
+    resume: Optional[str] = None
     save_final: bool = True  # save when the run completes
     preempt_check_every: int = 1  # steps between the cross-rank preemption checks
 

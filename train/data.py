@@ -62,6 +62,8 @@ class DataConfig:
     shuffle: bool = True
     window: str = "random"  # random | start: where in a clip the window begins
     prefetch_factor: int = 2
+    # The command that writes ``path`` ({path} is replaced by it), named when the directory is missing.
+    make_command: str = ""
 
 
 def _seed_for(*parts: int) -> int:
@@ -184,14 +186,34 @@ def mixture_entries(cfg: DataConfig) -> list[MixtureSource]:
     return out
 
 
+def check_data_exists(cfg: DataConfig) -> None:
+    """Raise FileNotFoundError naming ``data.path`` and how to make it when it is not a dataset directory.
+
+    Mixture entries are checked by :func:`mixture_entries`. Called by the training entry point
+    before it creates a run directory, and by :func:`build_dataset`.
+    """
+    if cfg.mixture:
+        mixture_entries(cfg)
+        return
+    if not cfg.path:
+        raise ValueError("data.path is not set: give a dataset directory (data.path=DIR) or a mixture (data.mixture=[{path: DIR, weight: W}, ...])")
+    path = Path(cfg.path)
+    if (path / "index.json").is_file():
+        return
+    what = "does not exist" if not path.exists() else "has no index.json (not a shard dataset, or an import that did not finish)"
+    how = (f"make it with: {cfg.make_command.replace('{path}', str(cfg.path))}" if cfg.make_command else
+           "write one with a data command (python -m data.synthetic, data.vizdoom, data.import_folder, data.custom: "
+           "README 'Data') or point data.path at one")
+    raise FileNotFoundError(f"data.path={cfg.path}: the dataset directory {what}; {how}")
+
+
 def build_dataset(cfg: DataConfig, temporal_stride: int, seed: int) -> WindowDataset | MixtureDataset:
     """The keyed window dataset of ``cfg``: a mixture when ``cfg.mixture`` is set, else ``cfg.path``."""
     if cfg.mixture:
         entries = mixture_entries(cfg)
         names = [f"data.mixture[{i}] ({e.path!r})" for i, e in enumerate(entries)]
         return MixtureDataset([ShardDataset(e.path) for e in entries], [e.weight for e in entries], cfg, temporal_stride, seed, names)
-    if not cfg.path:
-        raise ValueError("data.path is not set: give a dataset directory (data.path=DIR) or a mixture (data.mixture=[{path: DIR, weight: W}, ...])")
+    check_data_exists(cfg)
     return WindowDataset(ShardDataset(cfg.path), cfg, temporal_stride, seed)
 
 
@@ -262,4 +284,4 @@ def tokens_per_sample(cfg: DataConfig, spatial_stride: int, patch: list[int] | t
     return cfg.num_latents // patch[0] * math.ceil(cfg.height / spatial_stride / patch[1]) * math.ceil(cfg.width / spatial_stride / patch[2])
 
 
-__all__ = ["DataConfig", "MixtureSource", "WindowDataset", "MixtureDataset", "mixture_entries", "build_dataset", "build_train_loader", "make_window", "collate_windows", "tokens_per_sample"]
+__all__ = ["DataConfig", "MixtureSource", "WindowDataset", "MixtureDataset", "mixture_entries", "check_data_exists", "build_dataset", "build_train_loader", "make_window", "collate_windows", "tokens_per_sample"]

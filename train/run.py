@@ -6,7 +6,7 @@ Also used by ``train.demo`` and the tests, so every way of starting a run goes t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -15,13 +15,14 @@ from train.stage import build_stage
 from train.trainer import FitResult, Trainer
 
 
-def write_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
-    """``<run_dir>/config.yaml``: the fully resolved config of this run (atomic)."""
+def write_resolved_config(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]] = None) -> Path:
+    """``<run_dir>/config.yaml``: the fully resolved config of this run (atomic), headed by its command's overrides."""
     from train.checkpoint import write_text_atomic
 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
-    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
+    header = "" if overrides is None else "# python -m train " + " ".join(overrides) + "\n"
+    write_text_atomic(path, header + OmegaConf.to_yaml(cfg, resolve=True))
     return path
 
 
@@ -37,16 +38,30 @@ def import_stage_packages() -> None:
                 raise
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> FitResult:
-    """Train ``cfg`` in ``run_dir``; returns how the run ended (completed / preempted / dry_run)."""
-    from configs.schema import check_known_keys
+def run(cfg: DictConfig, run_dir: str | Path, *, overrides: Optional[list[str]] = None, exclude: Optional[list[str]] = None) -> FitResult:
+    """Train ``cfg`` in ``run_dir``; returns how the run ended (completed / preempted / dry_run).
 
-    check_known_keys(cfg)
+    ``overrides`` (the command line's, from ``python -m train``) go into ``run.json`` and the head of
+    ``config.yaml``; ``exclude`` are the keys left out of the run's id (``train/runs.py``). A config
+    that fails its checks leaves ``status.json`` = failed with the error, like any failed run.
+    """
+    from configs.schema import check_known_keys
+    from train.trainer import write_status
+
     run_dir = Path(run_dir)
-    write_resolved_config(cfg, run_dir)
-    import_stage_packages()
-    obj: Any = OmegaConf.to_object(cfg)  # typed dataclasses all the way down
-    stage = build_stage(obj.stage.name, obj)
+    try:
+        check_known_keys(cfg)
+        obj: Any = OmegaConf.to_object(cfg)  # typed dataclasses all the way down; runs every value check
+        if overrides is not None:
+            from train.runs import write_run_info
+
+            write_run_info(run_dir, str(obj.name), overrides, exclude or ())
+        write_resolved_config(cfg, run_dir, overrides)
+        import_stage_packages()
+        stage = build_stage(obj.stage.name, obj)
+    except Exception as e:
+        write_status(run_dir, "failed", 0, error=f"{type(e).__name__}: {e}")
+        raise
     trainer = Trainer(
         obj.trainer,
         stage,

@@ -92,6 +92,14 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def write_status(out_dir: Path, status: str, step: int, checkpoint: Optional[Path] = None, **extra: Any) -> None:
+    """``<out_dir>/status.json`` (atomic): completed | preempted | failed | dry_run, the step, the last checkpoint."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"status": status, "step": step, "time": time.time(), "checkpoint": str(checkpoint) if checkpoint else None, **extra}
+    write_text_atomic(out_dir / "status.json", json.dumps(record))
+
+
 class Trainer:
     """Runs a :class:`~train.stage.Stage`; see the module docstring.
 
@@ -327,9 +335,7 @@ class Trainer:
 
     def _write_status(self, status: str, **extra: Any) -> None:
         if self.env.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            record = {"status": status, "step": self.step, "time": time.time(), "checkpoint": str(self._last_ckpt) if self._last_ckpt else None, **extra}
-            write_text_atomic(self.out_dir / "status.json", json.dumps(record))
+            write_status(self.out_dir, status, self.step, self._last_ckpt, **extra)
 
     def has_ema(self, name: str) -> bool:
         return self.roles[name].ema is not None
@@ -368,6 +374,8 @@ class Trainer:
                 logger = RunLogger(self.logger_cfg, self.out_dir, is_main=self.env.is_main, total_steps=self.cfg.steps, start_step=self.step, run_config=self.run_config)
                 if self.step:
                     logger.info(f"resumed from {self._last_ckpt} at step {self.step}")
+                elif self.ckpt_cfg.resume:
+                    logger.info(f"checkpoint.resume={self.ckpt_cfg.resume}: no checkpoint in {self.ckpt_dir} yet, starting at step 0")
                 result = self._loop(logger)
             self._write_status(result.status, signal=self.preemption.signal_name)
             return result
