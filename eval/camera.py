@@ -50,6 +50,13 @@ class PoseEstimatorConfig:
     ransac_px: float = 1.0  # RANSAC threshold in pixels (epipolar distance for E, reprojection for H)
     confidence: float = 0.999
     min_parallax_px: float = 0.5  # rotation-only model residual below this: no measurable translation
+    # When feature matching cannot estimate a pair (small or smooth generated frames give few keypoints),
+    # retry with dense optical flow: correspondences on a pixel grid, kept where the forward and backward
+    # flows agree. "none" reports such pairs as failed.
+    fallback: str = "flow"
+    flow_grid: int = 2  # grid spacing of the flow correspondences (pixels)
+    flow_consistency_px: float = 0.5  # forward-backward disagreement above this drops a correspondence
+    min_flow_fraction: float = 0.15  # share of textured grid points that must pass (unrelated noise frames: ~0.09; real pairs: 0.13-1.0)
 
 
 @dataclass
@@ -112,6 +119,8 @@ def _as_numpy_intrinsics(K: Tensor | np.ndarray, num_frames: int) -> np.ndarray:
 
 
 def _detector(cfg: PoseEstimatorConfig) -> tuple[cv2.Feature2D, int]:
+    if cfg.fallback not in ("flow", "none"):
+        raise ValueError(f"PoseEstimatorConfig.fallback must be 'flow' or 'none', got {cfg.fallback!r}")
     if cfg.features == "sift":
         return cv2.SIFT_create(nfeatures=cfg.max_features), cv2.NORM_L2
     if cfg.features == "orb":
@@ -134,6 +143,45 @@ def _match(d1: np.ndarray | None, d2: np.ndarray | None, norm: int, ratio: float
     knn = cv2.BFMatcher(norm).knnMatch(d1, d2, k=2)
     good = [(m[0].queryIdx, m[0].trainIdx) for m in knn if len(m) == 2 and m[0].distance < ratio * m[1].distance]
     return np.array(good, dtype=np.int64).reshape(-1, 2)
+
+
+def _flow_matches(f1: np.ndarray, f2: np.ndarray, cfg: PoseEstimatorConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Dense-flow correspondences (p1, p2) [M, 2] in our pixel convention between frames uint8 [H, W, 3].
+
+    Farneback flow both ways; a grid point is kept where it lies on texture in both frames (the flow is
+    defined there), following the flow forward then backward returns within ``flow_consistency_px``, and
+    both ends look alike (grey levels within 12). Unless ``min_flow_fraction`` of the textured points pass,
+    there are no correspondences: unrelated frames do not move as one scene.
+    """
+    g1 = cv2.cvtColor(np.ascontiguousarray(f1), cv2.COLOR_RGB2GRAY)
+    g2 = cv2.cvtColor(np.ascontiguousarray(f2), cv2.COLOR_RGB2GRAY)
+    H, W = g1.shape
+    levels = max(1, min(4, int(np.log2(min(H, W) / 8))))
+    args = (None, 0.5, levels, max(5, min(15, min(H, W) // 8)), 3, 5, 1.1, 0)
+    fwd = cv2.calcOpticalFlowFarneback(g1, g2, *args)
+    bwd = cv2.calcOpticalFlowFarneback(g2, g1, *args)
+    ys, xs = np.mgrid[0:H:cfg.flow_grid, 0:W:cfg.flow_grid]
+    ys, xs = ys.ravel(), xs.ravel()
+    d = fwd[ys, xs]
+    x2, y2 = xs + d[:, 0], ys + d[:, 1]
+    inside = (x2 >= 0) & (x2 <= W - 1) & (y2 >= 0) & (y2 <= H - 1)
+    back = bwd[np.clip(np.round(y2).astype(int), 0, H - 1), np.clip(np.round(x2).astype(int), 0, W - 1)]
+    consistent = np.linalg.norm(d + back, axis=1) < cfg.flow_consistency_px
+    def gradient(g: np.ndarray) -> np.ndarray:
+        return np.hypot(cv2.Sobel(g, cv2.CV_32F, 1, 0), cv2.Sobel(g, cv2.CV_32F, 0, 1))
+
+    # texture at the point in frame 1 and where it lands in frame 2: flow into a featureless area is a guess
+    textured = (gradient(g1)[ys, xs] > 8.0) & (gradient(g2)[np.clip(np.round(y2).astype(int), 0, H - 1),
+                                                           np.clip(np.round(x2).astype(int), 0, W - 1)] > 8.0)
+    # photometric check: the two ends of a correspondence look alike (flow through noise is smooth but wrong)
+    b1, b2 = g1.astype(np.float32), g2.astype(np.float32)
+    same = np.abs(b1[ys, xs] - cv2.remap(b2, x2.astype(np.float32)[:, None], y2.astype(np.float32)[:, None],
+                                         cv2.INTER_LINEAR)[:, 0]) < 12.0
+    keep = inside & consistent & textured & same
+    if keep.sum() < cfg.min_flow_fraction * max(1, int((gradient(g1)[ys, xs] > 8.0).sum())):
+        keep[:] = False  # most of the texture does not follow one flow: unrelated frames, not a camera motion
+    p1 = np.stack([xs[keep], ys[keep]], axis=1).astype(np.float64) + 0.5
+    return p1, p1 + d[keep].astype(np.float64)
 
 
 def _normalized(pts: np.ndarray, K: np.ndarray) -> np.ndarray:
@@ -268,6 +316,9 @@ def estimate_relative_poses(
         (p1, d1), (p2, d2) = feats[i], feats[j]
         m = _match(d1, d2, norm, cfg.ratio)
         res = _two_view(p1[m[:, 0]], p2[m[:, 1]], Ks[i], Ks[j], cfg)
+        if "reason" in res and cfg.fallback == "flow":
+            flow = _two_view(*_flow_matches(video[i], video[j], cfg), Ks[i], Ks[j], cfg)
+            res = flow if "reason" not in flow else {"reason": f"{res['reason']}; dense flow: {flow['reason']}"}
         if "reason" in res:
             reasons[n] = f"pair ({i}, {j}): {res['reason']}"
             continue
