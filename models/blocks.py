@@ -93,6 +93,8 @@ class FrameLayout:
     text_spec: MaskSpec | None = None  # text queries vs text keys
     backend: str = "auto"
     fuse: bool = False  # run the elementwise chains through torch.compile on CUDA (models/fused.py)
+    # Joint text attention (WorldDiTConfig.text_attends_video): text queries vs [text ; video RoPE-branch keys].
+    joint_spec: MaskSpec | None = None
 
 
 def _cat_heads(a: Tensor, b: Tensor) -> Tensor:
@@ -133,6 +135,8 @@ class DoubleStreamBlock(nn.Module):
         Returns (new vid or None, new txt or None, this call's keys/values if ``want_kv``):
         for a text-only pass the text keys/values, otherwise the video's own.
         """
+        if layout.joint_spec is not None and txt is not None:
+            return self._forward_joint(vid, vec, txt, txt_vec, layout, prefix, want_vid, want_txt, want_kv)
         camera = self.prope_proj is not None
         fuse = layout.fuse
         if txt is not None:
@@ -174,6 +178,34 @@ class DoubleStreamBlock(nn.Module):
         vid = gated_residual(vid, y, m[2], T, fuse=fuse)
         vid = self.vid.mlp_residual(vid, m[3], m[4], m[5], T, fuse)
         return vid, txt, kv_out
+
+
+    def _forward_joint(self, vid: Tensor | None, vec: Tensor | None, txt: Tensor, txt_vec: Tensor, layout: FrameLayout,
+                       prefix: LayerKV | None, want_vid: bool, want_txt: bool, want_kv: bool
+                       ) -> tuple[Tensor | None, Tensor | None, None]:
+        """Joint attention (HunyuanVideo-1.5's double block): the video part as in :meth:`forward` (keys
+        [text ; video]), and text queries attend to [text ; the video's RoPE-branch keys] (``layout.joint_spec``),
+        so the text stream depends on the video and cannot be cached."""
+        if vid is None or prefix is not None or want_kv:
+            raise ValueError("DoubleStreamBlock: joint text attention needs live text and video and no cache")
+        if self.txt is None:
+            raise ValueError("DoubleStreamBlock: text tokens given to a block built without a text stream")
+        fuse = layout.fuse
+        mt = self.txt.modulation(txt_vec[:, None])
+        tq, tk, tv = self.txt.qkv_heads(txt, mt[0], mt[1], layout, 1, positions=False)
+        text_kv = LayerKV(_cat_heads(tk, tk), _cat_heads(tv, tv)) if self.prope_proj is not None else LayerKV(tk, tv)
+        # want_kv: the video's own keys/values [B, H', S, Dh] (RoPE heads first) come back for the text queries.
+        new_vid, _, own = self.forward(vid, vec, None, None, layout, text_kv, want_vid=want_vid, want_txt=False,
+                                       want_kv=True)
+        if not want_txt:
+            return new_vid, None, None
+        H = tq.shape[1]
+        k = torch.cat([tk, own.k[:, :H]], dim=2)
+        v = torch.cat([tv, own.v[:, :H]], dim=2)
+        o, _ = attention_outputs(attention(tq, k, v, layout.joint_spec, layout.backend), None, 1, fuse=fuse)
+        txt = gated_residual(txt, self.txt.proj(o), mt[2], 1, fuse=fuse)
+        txt = self.txt.mlp_residual(txt, mt[3], mt[4], mt[5], 1, fuse)
+        return new_vid, txt, None
 
 
 class FinalLayer(nn.Module):

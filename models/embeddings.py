@@ -20,6 +20,8 @@ __all__ = [
     "PatchEmbed",
     "TextRefinerBlock",
     "TextEmbedder",
+    "VisionProjection",
+    "GlyphMapper",
 ]
 
 FREQ_DIM = 256
@@ -121,16 +123,21 @@ class TextEmbedder(nn.Module):
     """Text tokens [B, L, text_dim] -> [B, L, hidden]: a projection, then refiner blocks.
 
     The refiner is modulated by an MLP of the mean of the valid input tokens, never by the video's
-    noise level, so the text stream (and its keys/values) can be computed once per prompt.
+    noise level, so the text stream (and its keys/values) can be computed once per prompt. With
+    ``time`` (HunyuanVideo-1.5's refiner) a timestep MLP of the text's own noise level ``sigma`` [B]
+    is added to that vector (sigma None: 0).
     """
 
-    def __init__(self, text_dim: int, hidden: int, heads: int, depth: int, mlp_ratio: float, qkv_bias: bool):
+    def __init__(self, text_dim: int, hidden: int, heads: int, depth: int, mlp_ratio: float, qkv_bias: bool,
+                 time: bool = False):
         super().__init__()
         self.in_proj = nn.Linear(text_dim, hidden)
         self.pool = nn.Sequential(nn.Linear(text_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.blocks = nn.ModuleList(TextRefinerBlock(hidden, heads, mlp_ratio, qkv_bias) for _ in range(depth))
+        self.time = TimestepEmbedder(hidden) if time else None
 
-    def forward(self, text: Tensor, text_mask: Tensor | None, spec: MaskSpec, backend: str) -> Tensor:
+    def forward(self, text: Tensor, text_mask: Tensor | None, spec: MaskSpec, backend: str,
+                sigma: Tensor | None = None) -> Tensor:
         text = text.to(self.in_proj.weight.dtype)
         if text_mask is None:
             pooled = text.mean(dim=1)
@@ -138,7 +145,44 @@ class TextEmbedder(nn.Module):
             w = text_mask.to(text.dtype)[..., None]
             pooled = (text * w).sum(1) / w.sum(1).clamp_min(1.0)
         c = self.pool(pooled)
+        if self.time is not None:
+            c = self.time(text.new_zeros(text.shape[0]) if sigma is None else sigma.float()) + c
         x = self.in_proj(text)
         for blk in self.blocks:
             x = blk(x, c, spec, backend)
         return x
+
+
+class VisionProjection(nn.Module):
+    """SigLIP image tokens [B, N, vision_dim] -> [B, N, hidden] (HunyuanVideo-1.5's semantic image stream).
+
+    LayerNorm, Linear (vision_dim -> vision_dim), exact GELU, Linear (-> hidden), LayerNorm; both
+    norms affine with PyTorch's default eps (1e-5), as in the released model.
+    """
+
+    def __init__(self, vision_dim: int, hidden: int):
+        super().__init__()
+        self.norm_in = nn.LayerNorm(vision_dim)
+        self.fc1 = nn.Linear(vision_dim, vision_dim)
+        self.fc2 = nn.Linear(vision_dim, hidden)
+        self.norm_out = nn.LayerNorm(hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.fc1.weight.dtype)
+        return self.norm_out(self.fc2(F.gelu(self.fc1(self.norm_in(x)))))
+
+
+class GlyphMapper(nn.Module):
+    """ByT5 glyph tokens [B, N, byt5_dim] -> [B, N, hidden]: LayerNorm, then three Linear layers with exact GELU
+    between them (byt5_dim -> width -> width -> hidden), HunyuanVideo-1.5's glyph mapper without residual."""
+
+    def __init__(self, byt5_dim: int, width: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(byt5_dim)
+        self.fc1 = nn.Linear(byt5_dim, width)
+        self.fc2 = nn.Linear(width, width)
+        self.fc3 = nn.Linear(width, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.fc1.weight.dtype)
+        return self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(self.norm(x))))))

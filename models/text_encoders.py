@@ -6,7 +6,10 @@
   (``-1`` last; HunyuanVideo's "skip 2 layers" is ``-3``).
 - ``precomputed``: a lookup by caption in a ``.safetensors`` / ``.npz`` file written by
   :func:`save_precomputed` (or :func:`precompute_text_embeddings`), so training never loads a
-  multi-GB text encoder.
+  multi-GB text encoder. A *streams* file (:func:`save_precomputed_streams`, written for the
+  released HunyuanVideo-1.5 / WorldPlay models by ``python -m models.convert embeddings``) holds each
+  caption's LLM and ByT5 tokens and the SigLIP tokens of conditioning images, and its encoder returns
+  them packed as those models read them (:func:`pack_text_streams`).
 
 Tokens are float32, zero at padded positions, on the encoder's device. The frozen encoders run
 without gradients.
@@ -15,6 +18,7 @@ without gradients.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,7 @@ from torch import Tensor, nn
 from models.autoencoders.base import parse_dtype
 
 PRECOMPUTED_FORMAT = "worldsmith.text_embeddings.v1"
+PRECOMPUTED_STREAMS_FORMAT = "worldsmith.text_streams.v1"
 
 
 @dataclass
@@ -174,6 +179,11 @@ class PrecomputedTextEncoder(TextEncoder):
             raise FileNotFoundError(f"precomputed text encoder: embeddings file {self.path} does not exist")
         self._get, keys, meta_dim = _open_embeddings(self.path)
         self._keys = set(keys)
+        self.layout: Optional[StreamLayout] = _stream_layout(self.path)
+        self._images: set[str] = set()
+        if self.layout is not None:  # a streams file: text.<key>.llm / text.<key>.byt5 / image.<key>
+            self._keys = {k[len("text."):-len(".llm")] for k in keys if k.startswith("text.") and k.endswith(".llm")}
+            self._images = {k[len("image."):] for k in keys if k.startswith("image.")}
         if meta_dim is not None:
             self._dim = meta_dim
         elif keys:
@@ -211,7 +221,51 @@ class PrecomputedTextEncoder(TextEncoder):
             raise ValueError(f"precomputed text encoder: {self.path} entry {key}: expected [L, {self._dim}], got {list(emb.shape)}")
         return emb[: self.max_length].float()
 
+    def _lookup_streams(self, caption: str) -> tuple[Tensor, Tensor]:
+        """(LLM tokens [L, llm_dim] truncated to max_length, ByT5 tokens [G, byt5_dim]) of a caption (streams file)."""
+        key = caption_key(caption)
+        if key not in self._keys:
+            raise KeyError(f"precomputed text encoder: {self.path} has no embedding for caption {caption[:80]!r}; "
+                           f"re-run `python -m models.convert embeddings` over these captions")
+        if self._get is None:
+            self._get = _open_embeddings(self.path)[0]
+        return self._get(f"text.{key}.llm")[: self.max_length].float(), self._get(f"text.{key}.byt5").float()
+
+    def has_image(self, image) -> bool:
+        """Whether the file holds vision tokens for ``image`` (uint8 [H, W, 3]); see :func:`image_key`."""
+        return image_key(image) in self._images
+
+    def encode(self, prompts: Sequence[str], images: Optional[Sequence] = None) -> tuple[Tensor, Tensor]:
+        """As :meth:`TextEncoder.encode`; a streams file also takes ``images`` (one uint8 [H, W, 3] conditioning
+        image or None per prompt), whose SigLIP tokens fill the vision slots (None or no images: slots masked)."""
+        if images is None:
+            return super().encode(prompts)
+        if self.layout is None:
+            raise ValueError(f"precomputed text encoder: {self.path} is not a streams file; it holds no image tokens")
+        prompts = list(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"precomputed text encoder: {len(images)} images for {len(prompts)} prompts")
+        vision = []
+        for img in images:
+            if img is None:
+                vision.append(None)
+                continue
+            key = image_key(img)
+            if key not in self._images:
+                raise KeyError(f"precomputed text encoder: {self.path} has no vision tokens for this image (key "
+                               f"{key[:16]}...); run `python -m models.convert embeddings --image ...` for it")
+            if self._get is None:
+                self._get = _open_embeddings(self.path)[0]
+            vision.append(self._get(f"image.{key}").float())
+        texts = [self._lookup_streams(p) for p in prompts]
+        tokens, mask = pack_text_streams([t[0] for t in texts], [t[1] for t in texts], vision, self.layout)
+        return (tokens * mask.unsqueeze(-1)).to(self.device), mask.to(self.device)
+
     def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        if self.layout is not None:
+            texts = [self._lookup_streams(p) for p in prompts]
+            tokens, mask = pack_text_streams([t[0] for t in texts], [t[1] for t in texts], None, self.layout)
+            return tokens.to(self.device), mask.to(self.device)
         embs = [self._lookup(p) for p in prompts]
         L = max(e.shape[0] for e in embs)
         tokens = torch.zeros(len(embs), L, self._dim)
@@ -232,8 +286,9 @@ def _open_embeddings(path: Path) -> tuple[Callable[[str], Tensor], list[str], Op
         except SafetensorError as e:
             raise ValueError(f"precomputed text encoder: cannot read {path}: {e}") from None
         meta = handle.metadata() or {}
-        if meta.get("format") != PRECOMPUTED_FORMAT:
-            raise ValueError(f"precomputed text encoder: {path} is not a {PRECOMPUTED_FORMAT} file (metadata {meta})")
+        if meta.get("format") not in (PRECOMPUTED_FORMAT, PRECOMPUTED_STREAMS_FORMAT):
+            raise ValueError(f"precomputed text encoder: {path} is not a {PRECOMPUTED_FORMAT} file (nor a "
+                             f"{PRECOMPUTED_STREAMS_FORMAT} one; metadata {meta})")
         return handle.get_tensor, list(handle.keys()), int(meta["dim"])
     if path.suffix == ".npz":
         archive = np.load(str(path))
@@ -288,6 +343,116 @@ def precompute_text_embeddings(
         for caption, t, m in zip(chunk, tokens, mask):
             out[caption] = t[m]
     return save_precomputed(path, out, dtype)
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """How HunyuanVideo-1.5's three token streams pack into one text input [B, V + G + L, llm_dim]: ``vision_tokens``
+    SigLIP slots (first ``vision_dim`` channels), ``byt5_tokens`` ByT5 slots (first ``byt5_dim`` channels), then the
+    LLM tokens. It must match the model's ``vision_tokens`` / ``byt5_tokens`` (models/config.py)."""
+
+    llm_dim: int
+    byt5_dim: int = 1472
+    vision_dim: int = 1152
+    byt5_tokens: int = 256
+    vision_tokens: int = 729
+
+    def __post_init__(self) -> None:
+        for f in ("byt5_dim", "vision_dim"):
+            if not 0 <= getattr(self, f) <= self.llm_dim:
+                raise ValueError(f"StreamLayout.{f}={getattr(self, f)} must lie in [0, llm_dim={self.llm_dim}]")
+        if self.byt5_tokens < 0 or self.vision_tokens < 0:
+            raise ValueError("StreamLayout: token counts must be >= 0")
+
+    def metadata(self) -> dict[str, str]:
+        return {k: str(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def image_key(image) -> str:
+    """Storage key of a conditioning image (uint8 [H, W, 3], numpy or torch): SHA-256 of its shape and bytes."""
+    arr = image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"image_key: expected a uint8 [H, W, 3] image, got {arr.dtype} {list(arr.shape)}")
+    h = hashlib.sha256(f"{arr.shape[0]}x{arr.shape[1]}x3:".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def pack_text_streams(llm: Sequence[Tensor], byt5: Optional[Sequence[Optional[Tensor]]],
+                      vision: Optional[Sequence[Optional[Tensor]]], layout: StreamLayout) -> tuple[Tensor, Tensor]:
+    """Per-sample valid tokens -> (tokens [B, V + G + L, llm_dim] float32 zero where padded, mask [B, V + G + L] bool).
+
+    llm[i] [Li, llm_dim]; byt5[i] [Gi <= byt5_tokens, byt5_dim] or None (no glyph text); vision[i]
+    [Vi <= vision_tokens, vision_dim] or None (no image: the slots are masked, HunyuanVideo-1.5's text-to-video
+    rule). L = the longest Li.
+    """
+    B = len(llm)
+    V, G = layout.vision_tokens, layout.byt5_tokens
+    L = max((int(t.shape[0]) for t in llm), default=0)
+    tokens = torch.zeros(B, V + G + L, layout.llm_dim)
+    mask = torch.zeros(B, V + G + L, dtype=torch.bool)
+    for i in range(B):
+        for name, t, start, slots, dim in (("vision", None if vision is None else vision[i], 0, V, layout.vision_dim),
+                                           ("byt5", None if byt5 is None else byt5[i], V, G, layout.byt5_dim),
+                                           ("llm", llm[i], V + G, L, layout.llm_dim)):
+            if t is None:
+                continue
+            if t.dim() != 2 or t.shape[1] != dim or t.shape[0] > slots:
+                raise ValueError(f"pack_text_streams: sample {i} {name} tokens {list(t.shape)}: expected "
+                                 f"[<= {slots}, {dim}]")
+            tokens[i, start:start + t.shape[0], :dim] = t.float()
+            mask[i, start:start + t.shape[0]] = True
+    return tokens, mask
+
+
+def _stream_layout(path: Path) -> Optional[StreamLayout]:
+    """The layout recorded in a streams file's metadata, or None for a plain embeddings file."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    meta = safe_open(str(path), framework="pt").metadata() or {}
+    if meta.get("format") != PRECOMPUTED_STREAMS_FORMAT:
+        return None
+    fields = [f.name for f in dataclasses.fields(StreamLayout)]
+    try:
+        return StreamLayout(**{f: int(meta[f]) for f in fields})
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"precomputed text encoder: {path}: bad streams metadata {meta}: {e}") from None
+
+
+def save_precomputed_streams(path: str | Path, texts: Mapping[str, tuple[Tensor, Optional[Tensor]]],
+                             images: Mapping[str, Tensor], layout: StreamLayout,
+                             dtype: torch.dtype = torch.float32) -> Path:
+    """Write a streams file: ``texts`` caption -> (LLM tokens [L, llm_dim], ByT5 tokens [G, byt5_dim] or None), valid
+    tokens only; ``images`` :func:`image_key` -> SigLIP tokens [V, vision_dim]. Returns the path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_precomputed_streams: {path} must end in .safetensors")
+    if not texts:
+        raise ValueError("save_precomputed_streams: no captions to save")
+    tensors: dict[str, Tensor] = {}
+    for caption, (llm, byt5) in texts.items():
+        byt5 = torch.zeros(0, layout.byt5_dim) if byt5 is None else byt5
+        for name, t, dim, most in (("llm", llm, layout.llm_dim, None), ("byt5", byt5, layout.byt5_dim, layout.byt5_tokens)):
+            if t.dim() != 2 or t.shape[1] != dim or (most is not None and t.shape[0] > most):
+                raise ValueError(f"save_precomputed_streams: caption {caption[:80]!r} {name} tokens {list(t.shape)}: "
+                                 f"expected [{'<= ' + str(most) if most is not None else 'L'}, {dim}]")
+            tensors[f"text.{caption_key(caption)}.{name}"] = t.detach().to("cpu", dtype).contiguous()
+    for key, t in images.items():
+        if t.dim() != 2 or t.shape[1] != layout.vision_dim or t.shape[0] > layout.vision_tokens:
+            raise ValueError(f"save_precomputed_streams: image {key[:16]}... tokens {list(t.shape)}: expected "
+                             f"[<= {layout.vision_tokens}, {layout.vision_dim}]")
+        tensors[f"image.{key}"] = t.detach().to("cpu", dtype).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    meta = {"format": PRECOMPUTED_STREAMS_FORMAT, "dim": str(layout.llm_dim), "count": str(len(texts)),
+            "images": str(len(images)), **layout.metadata()}
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
 
 
 TEXT_ENCODERS: dict[str, Callable[[TextEncoderConfig], TextEncoder]] = {
