@@ -53,7 +53,7 @@ def register_configs() -> None:
     register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
-    for name in ("tiny", "small", "base", "hy15"):
+    for name in ("tiny", "small", "base", "hy15", "hy15_released"):
         cs.store(group="model", name=name, node=preset(name))
     cs.store(group="autoencoder", name="patch", node=AutoencoderConfig(kind="patch"))
     cs.store(group="autoencoder", name="hunyuan15", node=AutoencoderConfig(kind="hunyuan15"))
