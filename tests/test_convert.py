@@ -410,6 +410,31 @@ def test_precomputed_streams_pack_for_the_model(two_clips, tmp_path):
                                  _FakeEncoders.layout)
 
 
+def test_converted_ar_bundle_plays(wp_state, tmp_path):
+    """A converted AR bundle (WorldPlay's sampling: CFG 6 with a negative prompt, context at sigma 0.014, full
+    context attention) with a HunyuanVideo-1.5 VAE and a streams file runs through the inference player."""
+    import yaml
+    from diffusers import AutoencoderKLHunyuanVideo15
+
+    from infer.player import WorldPlayer
+    from models.convert.embeddings import precompute_streams
+
+    torch.manual_seed(0)
+    AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 16, 16, 16), layers_per_block=1,
+                                scaling_factor=0.5).save_pretrained(str(tmp_path / "vae"))
+    out = _convert(tmp_path, "ar_model", wp_state)
+    image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    precompute_streams(_FakeEncoders(), ["a town", ""], [image], out / "text_embeddings.safetensors")
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    config["sampling"].update(height=64, width=96, steps=2)  # a small video, few steps: the path, not the quality
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    player = WorldPlayer.from_bundle(out, device="cpu")
+    assert player.rollout_cfg.guidance == 6.0 and player.rollout_cfg.context_sigma == 0.014
+    player.reset(image, "a town")
+    first, second = np.asarray(player.step("w")), np.asarray(player.step("w+right"))
+    assert first.shape == (13, 64, 96, 3) and second.shape == (16, 64, 96, 3)
+
+
 # ------------------------------------------------------------------------------------------ GPU
 
 

@@ -2,14 +2,14 @@
 
     # HY-WorldPlay action checkpoints -> bundles (kind read from the directory name)
     python -m models.convert worldplay /models/HY-WorldPlay/ar_distilled_action_model --out outputs/worldplay_distilled \\
-        --vae /models/HunyuanVideo-1.5-Diffusers-480p_i2v/vae
+        --vae /models/HunyuanVideo-1.5-480p_i2v/vae
     # HunyuanVideo-1.5 itself: the official transformer/480p_i2v directory, or diffusers' transformer directory
     python -m models.convert hunyuan /models/HunyuanVideo-1.5/transformer/480p_i2v --out outputs/hy15 --vae ...
-    python -m models.convert diffusers /models/HunyuanVideo-1.5-Diffusers-480p_i2v --out outputs/hy15 --vae ...
+    python -m models.convert diffusers /models/HunyuanVideo-1.5-480p_i2v --out outputs/hy15 --vae ...
     # a bundle (e.g. after LoRA fine-tuning) -> WorldPlay's layout, for its generate.py --action_ckpt
     python -m models.convert export-worldplay outputs/lora/<run>/export/bundle --out outputs/worldplay_export
     # the text / glyph / image embeddings the bundles read (models/convert/embeddings.py)
-    python -m models.convert embeddings --encoders /models/HunyuanVideo-1.5-Diffusers-480p_i2v --prompt "..." --prompt "" \\
+    python -m models.convert embeddings --encoders /models/HunyuanVideo-1.5-480p_i2v --prompt "..." --prompt "" \\
         --image start.png --out outputs/worldplay_distilled/text_embeddings.safetensors
 """
 

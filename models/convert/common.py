@@ -135,9 +135,6 @@ class StateReader:
         self.taken.add(key)
         return self.state[key]
 
-    def keys_with(self, prefix: str) -> list[str]:
-        return [k for k in self.state if k.startswith(prefix)]
-
     def finish(self) -> None:
         """Raise naming the keys nothing consumed."""
         left = sorted(set(self.state) - self.taken)
@@ -181,13 +178,12 @@ def expected_shapes(cfg: WorldDiTConfig) -> dict[str, tuple[int, ...]]:
 
 
 def apply_rules(rules: Iterable[Rule], source: Mapping[str, Tensor], *, to_worlddit: bool, cfg: WorldDiTConfig,
-                where: str, target_shapes: Optional[Mapping[str, tuple[int, ...]]] = None) -> dict[str, Tensor]:
+                where: str) -> dict[str, Tensor]:
     """Run ``rules`` over ``source`` and return the converted state dict.
 
     to_worlddit: source is the foreign checkpoint, the result WorldDiT's (shapes checked against a model built
-    from ``cfg``); else source is a WorldDiT state dict and the result the foreign layout (each source tensor
-    checked against ``cfg``'s model; ``target_shapes`` optionally checks the foreign tensors). Every source key
-    must be consumed and every WorldDiT parameter produced.
+    from ``cfg``); else source is a WorldDiT state dict (each tensor checked against ``cfg``'s model) and the
+    result the foreign layout. Every source key must be consumed and every WorldDiT parameter produced.
     """
     ours_shapes = expected_shapes(cfg)
     reader = StateReader(source, where)
@@ -209,9 +205,6 @@ def apply_rules(rules: Iterable[Rule], source: Mapping[str, Tensor], *, to_world
             t = reader.take(r.ours, ours_shapes[r.ours])
             parts = [t] if r.split is None else r.split(t)
             for k, p in zip(r.theirs, parts):
-                if target_shapes is not None and k in target_shapes and tuple(p.shape) != tuple(target_shapes[k]):
-                    raise ConversionError(f"{where}: '{r.ours}' gives '{k}' shape {list(p.shape)}, "
-                                          f"expected {list(target_shapes[k])}")
                 if k in out:
                     raise ConversionError(f"{where}: two rules write '{k}'")
                 out[k] = p

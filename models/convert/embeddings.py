@@ -9,7 +9,7 @@ what they produce with :func:`models.text_encoders.save_precomputed_streams`. Tr
 need only the DiT and the VAE on the GPU.
 
     # one prompt (and the negative prompt, for CFG) with the start image, next to a converted bundle:
-    python -m models.convert embeddings --encoders /models/HunyuanVideo-1.5-Diffusers-480p_i2v \\
+    python -m models.convert embeddings --encoders /models/HunyuanVideo-1.5-480p_i2v \\
         --prompt "a walk through a quiet town" --prompt "" --image start.png \\
         --out outputs/worldplay_ar/text_embeddings.safetensors
     # every caption of a dataset and the first frame of every clip:

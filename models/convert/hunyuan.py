@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional
 from torch import Tensor
 
 from models.config import WorldDiTConfig
-from models.convert.common import ConversionError, Rule, apply_rules, concat, open_safetensors, rename
+from models.convert.common import ConversionError, Rule, StateReader, apply_rules, concat, open_safetensors, rename
 
 __all__ = ["official_rules", "config_from_official", "official_to_worlddit", "worlddit_to_official", "read_official",
            "UNSUPPORTED"]
@@ -117,8 +117,6 @@ def config_from_official(state: Mapping[str, Tensor], config: Optional[Mapping[s
     when given, else from the q-norm width (head_dim), with HunyuanVideo-1.5's [16, 56, 56] / 256 for
     head_dim 128. ``text_sigma`` / ``text_attends_video`` select the text-stream arithmetic (models/config.py).
     """
-    from models.convert.common import StateReader
-
     config = dict(config or {})
     keys = list(state)
     for prefix, what in UNSUPPORTED.items():

@@ -45,7 +45,6 @@ from models.convert.common import (
     PathLike,
     cast_state,
     expected_shapes,
-    open_safetensors,
     write_bundle,
 )
 from models.convert.hunyuan import config_from_official, official_to_worlddit, read_official, worlddit_to_official
