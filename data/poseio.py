@@ -20,6 +20,7 @@ from data.actions import NUM_KEYS, MotionSteps, keys_to_poses
 from data.geometry import is_rigid
 
 MOVE_KEYS = {"w": 0, "s": 1, "d": 2, "a": 3, "right": 4, "left": 5, "up": 6, "down": 7}
+OPPOSITE_MOVES = (("w", "s"), ("a", "d"), ("left", "right"), ("up", "down"))  # held together they cancel
 
 
 class EntryKeyError(ValueError):
@@ -94,6 +95,10 @@ def parse_pose_string(text: str) -> Tensor:
             if name not in MOVE_KEYS:
                 raise ValueError(f"pose string {text!r}: unknown move {name!r}; known: {sorted(MOVE_KEYS)}")
             row[MOVE_KEYS[name]] = True
+        for a, b in OPPOSITE_MOVES:
+            if a in names and b in names:
+                raise ValueError(f"pose string {text!r}: move {part.strip()!r} holds {a!r} and {b!r} together, which cancel "
+                                 f"(no motion on that axis); hold one of them, or write the move without both")
         rows.extend([row] * count)
     if len(rows) == 1:
         raise ValueError(f"pose string {text!r} contains no moves")
@@ -115,8 +120,13 @@ def read_pose_json(path: str | Path) -> tuple[Tensor, Tensor]:
         raise ValueError(f"{path}: {e}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a readable pose JSON ({e})") from e
+    expected = "expected WorldPlay's per-latent pose JSON, an object {\"0\": {\"extrinsic\": c2w 4x4, \"K\": 3x3 pixels}, \"1\": ...}"
+    first = (raw[0] if isinstance(raw, list) and raw else next(iter(raw.values()), None) if isinstance(raw, dict) else None)
+    if isinstance(first, dict) and ("w2c" in first or "c2w" in first) and "extrinsic" not in first:
+        raise ValueError(f"{path}: {expected}; this file has per-frame training entries with keys {sorted(first)} "
+                         "(import such files with python -m data.import_folder or data.custom; infer takes per-latent c2w 'extrinsic')")
     if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"{path}: expected an object with keys '0'..'N' (WorldPlay's per-latent pose JSON)")
+        raise ValueError(f"{path}: {expected}, got {'an empty object' if isinstance(raw, dict) else type(raw).__name__}")
     try:
         entries = indexed_entries(raw, first=0)
     except EntryKeyError as e:
@@ -127,7 +137,7 @@ def read_pose_json(path: str | Path) -> tuple[Tensor, Tensor]:
             raise ValueError(f"{path}: entry '{i}' is not an object with 'extrinsic' and 'K'")
         for key, shape in (("extrinsic", (4, 4)), ("K", (3, 3))):
             if key not in entry:
-                raise ValueError(f"{path}: entry '{i}' lacks key '{key}'")
+                raise ValueError(f"{path}: entry '{i}' lacks key '{key}' (entries need 'extrinsic' and 'K'; it has {sorted(entry)})")
             t = torch.tensor(entry[key], dtype=torch.float64)
             if tuple(t.shape) != shape:
                 raise ValueError(f"{path}: entry '{i}' key '{key}' has shape {tuple(t.shape)}, expected {shape}")

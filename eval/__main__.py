@@ -35,6 +35,27 @@ def bundle_names(paths: Sequence[str | Path]) -> list[str]:
     raise ValueError(f"the same bundle is given twice: {[str(p) for p in paths]}")
 
 
+def warn_if_training_data(bundle: str | Path, data: str | Path, name: str) -> bool:
+    """Warn (and return True) when ``data`` is the dataset the bundle was trained on (its ``meta.json`` data.path).
+
+    Scores on training clips measure memorisation, not generalisation: evaluate on held-out clips.
+    """
+    import warnings
+
+    from models.bundle import BundleError, read_bundle_meta
+
+    try:
+        trained = ((read_bundle_meta(bundle).get("data") or {}).get("path"))
+    except BundleError:
+        return False  # loading the bundle names the problem
+    if not trained or Path(trained).resolve() != Path(data).resolve():
+        return False
+    warnings.warn(f"--data {data} is the dataset bundle '{name}' was trained on (its meta.json data.path): these scores "
+                  "are on training clips, not held-out ones; evaluate on clips it never saw (e.g. python -m data.synthetic "
+                  "with another --seed)", stacklevel=2)
+    return True
+
+
 def evaluate_bundles(
     bundles: Sequence[str | Path],
     data: str | Path,
@@ -56,6 +77,8 @@ def evaluate_bundles(
     names = list(names) if names else bundle_names(bundles)
     if len(names) != len(bundles):
         raise ValueError(f"{len(names)} names for {len(bundles)} bundles")
+    for path, name in zip(bundles, names):
+        warn_if_training_data(path, data, name)
     raw = load_clips(data, cfg.num)
     lpips = LPIPS(cfg.lpips).to(cfg.device)
     log(f"[eval] {len(raw)} clips from {data}; protocols {chosen}; {lpips.status()}")

@@ -43,6 +43,7 @@ from infer.image import ImageLike, as_rgb, fit_image, to_uint8_frames, to_video_
 from infer.timing import Stopwatch, summarize
 from infer.trajectory import default_intrinsics
 from models.bundle import Bundle, load_bundle, read_bundle_config
+from models.lora import merge_adapter
 from models.rollout import Rollout, RolloutConfig, RolloutState
 
 __all__ = ["WorldPlayer", "ChunkTiming"]
@@ -124,7 +125,14 @@ class WorldPlayer:
         cfg = replace(config or PlayerConfig(), **fields_)
         settings = resolve_settings(read_bundle_config(directory)["sampling"], cfg, f"bundle {directory}")
         with Stopwatch(cfg.device) as sw:
-            bundle = load_bundle(directory, device="cpu" if cfg.offload else cfg.device, dtype=_TORCH_DTYPES[cfg.dtype])
+            dtype = _TORCH_DTYPES[cfg.dtype]
+            # with an adapter the base is what init= started the LoRA run from (model.safetensors); weights picks the adapter
+            bundle = load_bundle(directory, device="cpu" if cfg.offload else cfg.device,
+                                 weights="model" if cfg.adapter else cfg.weights, dtype=None if cfg.adapter else dtype)
+            if cfg.adapter:  # fold the LoRA adapter in at full precision, then cast
+                merge_adapter(bundle.model, cfg.adapter, cfg.weights)
+                if dtype is not None:
+                    bundle.model.to(dtype=dtype)
             if cfg.offload:
                 bundle.model.to(cfg.device)
         return cls(bundle, cfg, settings=settings, load_seconds=sw.seconds)

@@ -137,8 +137,8 @@ def load_trajectory(
             raise InferError(f"--pose {pose}: pose JSON file not found")
         try:
             c2w, K_pix = read_pose_json(path)
-        except ValueError as e:
-            raise InferError(f"--pose {pose}: {e}") from None
+        except ValueError as e:  # the reader names the file already
+            raise InferError(f"--pose {pose}: {str(e).removeprefix(f'{path}: ')}") from None
         c2w = rebase_to_first(c2w)
         K = normalized_intrinsics(K_pix, height, width, where=f"--pose {pose}: K")
         keys = poses_to_keys(c2w, thresholds)

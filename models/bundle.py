@@ -407,6 +407,8 @@ def load_bundle(
     try:
         with torch.device(device):
             model = factory(config["model"])
+    except BundleConfigError as e:  # the factory knows the section, not the bundle: name it
+        raise BundleConfigError(str(e) if str(directory) in str(e) else f"bundle {directory}: {e}") from None
     except BundleError:
         raise
     except Exception as e:
@@ -435,3 +437,18 @@ def load_bundle(
                              f"bundle {directory}: {CONFIG} section 'text_encoder'")
         text_encoder = build_text_encoder(te_cfg).to(device)
     return Bundle(directory, model, config, meta, autoencoder, text_encoder, dict(config["sampling"]))
+
+
+def find_bundle_dir(path: PathLike) -> Path:
+    """The bundle a user means by ``path``: a bundle directory, or a run directory / its ``export/``
+    (``<run>/export/bundle``). BundleFileError naming what was looked for otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleFileError(f"bundle {path}: not a directory")
+    for cand in (path / "bundle", path / "export" / "bundle"):  # a run's export/, a run (whose config.yaml is no bundle's)
+        if not (path / META).exists() and not (path / WEIGHTS).exists() and (cand / CONFIG).is_file():
+            return cand
+    if any((path / f).exists() for f in (WEIGHTS, CONFIG, META)):
+        return path  # a bundle, possibly a damaged one: loading names what is wrong
+    raise BundleFileError(f"bundle {path}: not a bundle directory ({CONFIG} + {META} + {WEIGHTS}), "
+                          "and holds no export/bundle/ (a run directory) or bundle/ (a run's export/)")

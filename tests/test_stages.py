@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -165,28 +166,77 @@ def test_periodic_sample_and_evaluation_are_logged(two_clips, tmp_path):
 
 
 def test_lora_stage_exports_adapter_and_an_equivalent_merged_bundle(two_clips, tmp_path):
+    """base + adapter = the merged bundle, for the weights it runs (EMA) and the raw ones; infer runs base + adapter."""
+    import cv2
+
+    from infer.__main__ import main as infer_main
     from models.bundle import load_bundle
+    from models.lora import merge_adapter
     from train.lora import load_adapter
     from train.run import run
 
     common = [f"data.path={two_clips}", *SMALL, "data.batch_size=2", "logger.log_every=1"]
     run(cfg_for("demo", *common, "trainer.steps=2"), tmp_path / "base")
     base_dir = tmp_path / "base" / "export" / "bundle"
-    run(cfg_for("demo", *common, "trainer.steps=3", f"init={base_dir}", "lora.enabled=true", "lora.rank=4", "optim.lr=5e-2"), tmp_path / "lora")
+    with pytest.warns(UserWarning, match="model_raw.safetensors holds the trained weights"):  # 3 steps of a 0.99 EMA
+        run(cfg_for("demo", *common, "trainer.steps=3", f"init={base_dir}", "lora.enabled=true", "lora.rank=4", "optim.lr=5e-2"), tmp_path / "lora")
     out = tmp_path / "lora" / "export"
-    assert (out / "adapter" / "adapter.safetensors").exists()
-    merged = load_bundle(out / "bundle", weights="raw").model.eval()
+    assert (out / "adapter" / "adapter.safetensors").exists() and (out / "adapter" / "adapter_raw.safetensors").exists()
     assert load_bundle(out / "bundle").meta["parent"]["path"] == str(base_dir.resolve())
-    # init= starts from the parent's weights to run (its EMA); the adapter applies on top of those
-    adapted = load_adapter(load_bundle(base_dir).model, out / "adapter").eval()
-    base = load_bundle(base_dir).model.eval()
+    assert "horizon" in load_bundle(out / "bundle").meta["ema_note"]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 48, 4, 4, 4, generator=g)
     kw = dict(actions=torch.tensor([[0, 9, 9, 1]]), w2c=torch.eye(4).expand(1, 4, 4, 4), K=torch.tensor([[0.7, 0, 0.5], [0, 0.7, 0.5], [0, 0, 1.0]]).expand(1, 4, 3, 3), chunk_size=4)
-    with torch.no_grad():
-        s = torch.full((1, 4), 0.5)
-        out_m, out_a, out_b = merged(x, s, **kw), adapted(x, s, **kw), base(x, s, **kw)
-    assert torch.allclose(out_m, out_a, atol=1e-5)
-    assert not torch.equal(out_m, out_b)  # the fine-tune changed the function...
-    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    s = torch.full((1, 4), 0.5)
+
+    def f(model):
+        with torch.no_grad():
+            return model.eval()(x, s, **kw)
+
+    base = load_bundle(base_dir).model
+    for weights in ("model", "raw"):  # init= starts from the parent's weights to run (its EMA); adapters apply on top
+        merged = load_bundle(out / "bundle", weights=weights).model
+        assert torch.allclose(f(merged), f(load_adapter(load_bundle(base_dir).model, out / "adapter", weights)), atol=1e-5), weights
+        folded = merge_adapter(load_bundle(base_dir).model, out / "adapter", weights)  # what infer --adapter does
+        assert all(torch.allclose(v, merged.state_dict()[k], atol=1e-6) for k, v in folded.state_dict().items()), weights
+    raw, ema = load_bundle(out / "bundle", weights="raw").model, load_bundle(out / "bundle").model
+    assert not torch.equal(f(raw), f(base)) and not torch.equal(f(raw), f(ema))  # the fine-tune changed the function
+    changed = [k for k, v in raw.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert changed and all(".vid." in k or ".txt." in k for k in changed)  # ...through the LoRA targets only
+
+    # python -m infer runs a base bundle plus the adapter exactly as the merged bundle
+    frame = ((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy())
+    cv2.imwrite(str(tmp_path / "start.png"), frame)
+    args = ["--image", str(tmp_path / "start.png"), "--pose", "w-3", "--weights", "raw", "--quiet", "--threads", "1"]
+    assert infer_main(["--bundle", str(tmp_path / "lora"), "--out", str(tmp_path / "merged.mp4"), *args]) == 0
+    assert infer_main(["--bundle", str(base_dir), "--adapter", str(out / "adapter"), "--out", str(tmp_path / "adapted.mp4"), *args]) == 0
+    m, a = (json.loads((tmp_path / f"{n}.json").read_text())["latents"] for n in ("merged", "adapted"))
+    assert m == a
+    from data.video import read_mp4
+
+    diff = np.abs(read_mp4(tmp_path / "merged.mp4").astype(int) - read_mp4(tmp_path / "adapted.mp4").astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.01  # the same weights up to float rounding (measured: identical)
+
+
+def test_init_from_a_bundle_of_another_shape_names_the_differing_values(tmp_path):
+    from dataclasses import replace
+
+    from models.autoencoders import AutoencoderConfig
+    from models.bundle import save_bundle
+    from models.config import WorldDiTConfig
+    from models.dit import WorldDiT
+    from models.text_encoders import TextEncoderConfig
+    from omegaconf import OmegaConf
+    from train.stage import StageContext
+    from train.stages.pretrain import Pretrain
+
+    cfg = OmegaConf.to_object(cfg_for("demo", "model.hidden=48", "model.heads=3", f"init={tmp_path / 'bundle'}"))
+    bundle_cfg = replace(cfg.model, hidden=96, heads=6)  # the demo's model
+    save_bundle(tmp_path / "bundle", WorldDiT(bundle_cfg), model_cfg=bundle_cfg, autoencoder_cfg=AutoencoderConfig(kind="patch", patch_size=4),
+                text_encoder_cfg=TextEncoderConfig(kind="none"), sampling={}, meta={"stage": "pretrain"})
+    ctx = StageContext(device=torch.device("cpu"), rank=0, world_size=1, seed=0, out_dir=tmp_path, compute_dtype=torch.float32)
+    with pytest.raises(ValueError) as e:
+        Pretrain(cfg).build(ctx)
+    msg = str(e.value)
+    assert "hidden (bundle 96, run 48), heads (bundle 6, run 3)" in msg and "add model.hidden=96 model.heads=6" in msg
+    assert "size mismatch" not in msg and len(msg.splitlines()) == 1

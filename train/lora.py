@@ -2,7 +2,10 @@
 
 ``lora.enabled=true`` wraps the student in LoRA adapters (rank, alpha, dropout, target modules by
 name suffix); only adapter weights train. A stage exports both the adapter (peft format, tiny) and
-a merged bundle (adapters folded into the base weights) that runs like any other bundle.
+a merged bundle (adapters folded into the base weights) that runs like any other bundle. They
+agree: base + ``adapter/adapter.safetensors`` = ``bundle/model.safetensors`` (the EMA where the run
+keeps one) and base + ``adapter/adapter_raw.safetensors`` = ``bundle/model_raw.safetensors`` (the
+raw fine-tune). File layout and merging without peft: ``models/lora.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from models.lora import ADAPTER, ADAPTER_CONFIG, ADAPTER_RAW, merge_lora, read_adapter
 
 
 @dataclass
@@ -67,45 +72,49 @@ def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def merge_lora_state(state: dict[str, torch.Tensor], cfg: LoraConfig) -> dict[str, torch.Tensor]:
-    """Fold adapters into base weights: W <- W + (alpha / rank) * B @ A; keys lose peft's wrapping.
+    """Fold adapters into base weights: W <- W + (alpha / rank) * B @ A (``models.lora.merge_lora``)."""
+    return merge_lora(state, cfg.alpha, cfg.rank)
 
-    Works on full state dicts (e.g. gathered from FSDP on rank 0), so export needs no live model.
+
+def save_adapter(state: dict[str, torch.Tensor], cfg: LoraConfig, out_dir: str | Path, base: dict | None = None, *,
+                 raw_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write an adapter directory (layout: ``models/lora.py``).
+
+    ``state``: the weights the merged bundle runs (the EMA where the run kept one), so that base +
+    ``adapter.safetensors`` equals the bundle's ``model.safetensors``; ``raw_state`` (runs with an
+    EMA): the raw fine-tune, written as ``adapter_raw.safetensors`` (= ``model_raw.safetensors``).
     """
-    suffix_a = ".lora_A.default.weight"
-    out = {k.replace(".base_layer.", "."): v.detach().clone() for k, v in state.items() if "lora_" not in k}
-    for key in [k for k in state if k.endswith(suffix_a)]:
-        prefix = key[: -len(suffix_a)]
-        A, B = state[key].float(), state[prefix + ".lora_B.default.weight"].float()
-        w = out[prefix + ".weight"]
-        out[prefix + ".weight"] = (w.float() + (cfg.alpha / cfg.rank) * (B @ A)).to(w.dtype)
-    return out
-
-
-def save_adapter(state: dict[str, torch.Tensor], cfg: LoraConfig, out_dir: str | Path, base: dict | None = None) -> Path:
-    """Write ``adapter.safetensors`` + ``adapter_config.json`` (rank, alpha, targets, base bundle)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     adapters = adapter_state(state)
     targets = sorted({k.split(".lora_")[0] for k in adapters})
-    save_file(adapters, str(out / "adapter.safetensors"))
-    meta = {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "target_modules": targets, "base": base}
-    (out / "adapter_config.json").write_text(json.dumps(meta, indent=1))
+    save_file(adapters, str(out / ADAPTER))
+    files = {ADAPTER: "ema" if raw_state is not None else "raw"}
+    if raw_state is not None:
+        save_file(adapter_state(raw_state), str(out / ADAPTER_RAW))
+        files[ADAPTER_RAW] = "raw"
+    else:
+        (out / ADAPTER_RAW).unlink(missing_ok=True)  # a stale one of an earlier export
+    meta = {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "target_modules": targets, "base": base, "files": files}
+    (out / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=1))
     return out
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Attach a saved adapter to a base model (the inverse of :func:`save_adapter`); loads strictly."""
+def load_adapter(model: nn.Module, adapter_dir: str | Path, weights_kind: str = "model") -> nn.Module:
+    """Attach a saved adapter to a base model (the inverse of :func:`save_adapter`, peft-wrapped); loads strictly.
+
+    ``weights_kind``: "model" (``adapter.safetensors``) or "raw" (``adapter_raw.safetensors``).
+    To fold an adapter into a plain model instead, ``models.lora.merge_adapter``.
+    """
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
-    from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
-    meta = json.loads((adapter_dir / "adapter_config.json").read_text())
+    weights, meta = read_adapter(adapter_dir, weights_kind)
     peft_cfg = PeftLoraConfig(r=meta["rank"], lora_alpha=meta["alpha"], lora_dropout=meta["dropout"], target_modules=meta["target_modules"])
     model = inject_adapter_in_model(peft_cfg, model)
-    weights = load_file(str(adapter_dir / "adapter.safetensors"))
     own = {k for k in model.state_dict() if "lora_" in k}
     if set(weights) != own:
         raise ValueError(f"{adapter_dir}: adapter keys do not match the model: missing {sorted(own - set(weights))[:3]}, unexpected {sorted(set(weights) - own)[:3]}")

@@ -10,6 +10,7 @@ loss, periodic sample videos, the bundle with lineage) lives here once.
 from __future__ import annotations
 
 import json
+import warnings
 
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from models.autoencoders import AutoencoderConfig, build_autoencoder
-from models.bundle import load_bundle, read_bundle_meta, save_bundle
+from models.bundle import read_bundle_meta, save_bundle
 from models.config import WorldDiTConfig
 from models.dit import WorldDiT
 from models.layout import check_trained_span
@@ -30,6 +31,7 @@ from models.text_encoders import TextEncoderConfig, build_text_encoder
 from train.config import EMAConfig
 from train.data import DataConfig, build_train_loader
 from train.lora import apply_lora, has_lora, merge_lora_state, save_adapter
+from train.parent import init_from_bundle
 from train.stage import Role, Stage, StageContext, StepOutput
 from train.stages.inputs import ModelInputs, drop_conditioning, encode_video, flow_matching_loss
 
@@ -93,8 +95,7 @@ class FlowStage(Stage):
         self.model_cfg = _structured(WorldDiTConfig, self.cfg.model)
         model = WorldDiT(self.model_cfg)
         if self.cfg.init:
-            parent = load_bundle(self.cfg.init, load_autoencoder=False, load_text_encoder=False)
-            model.load_state_dict(parent.model.state_dict(), strict=True)
+            parent = init_from_bundle(model, self.model_cfg, self.cfg.init)  # names differing model values
             self.parent = {"path": str(Path(self.cfg.init).resolve()), **{k: parent.meta.get(k) for k in ("stage", "step", "config_hash", "code_version", "created")}}
             self.parent_positions = parent.sampling.get("trained_positions")
         if self.cfg.lora.enabled:
@@ -263,7 +264,11 @@ class FlowStage(Stage):
         return out
 
     def export(self, trainer, out_dir: Path) -> None:
-        """bundle/ (the weights to run: EMA if kept, LoRA merged) and, with LoRA, adapter/."""
+        """bundle/ (the weights to run: EMA if kept, LoRA merged) and, with LoRA, adapter/ from the same weights.
+
+        base + adapter/adapter.safetensors = bundle/model.safetensors, and with an EMA
+        base + adapter/adapter_raw.safetensors = bundle/model_raw.safetensors (the raw fine-tune).
+        """
         ema = trainer.has_ema("student")
         run_state = trainer.full_state_dict("student", ema=ema)
         raw_state = trainer.full_state_dict("student", ema=False) if ema else None
@@ -279,8 +284,13 @@ class FlowStage(Stage):
             "run_dir": str(trainer.out_dir.resolve()),
             "lora": _plain(self.cfg.lora) if lora else None,
         }
+        if ema and trainer.step < 1.0 / (1.0 - self.scfg.ema_decay):
+            horizon = round(1.0 / (1.0 - self.scfg.ema_decay))
+            meta["ema_note"] = (f"EMA (stage.ema_decay={self.scfg.ema_decay}) of {trainer.step} steps, fewer than its ~{horizon}-step "
+                                "horizon: model.safetensors lags the training; model_raw.safetensors holds the trained weights")
+            warnings.warn(f"export {out_dir}: {meta['ema_note']} (run them with --weights raw, or lower stage.ema_decay)", stacklevel=2)
         if lora:
-            save_adapter(raw_state if raw_state is not None else run_state, self.cfg.lora, out_dir / "adapter", base=self.parent)
+            save_adapter(run_state, self.cfg.lora, out_dir / "adapter", base=self.parent, raw_state=raw_state)
             run_state = merge_lora_state(run_state, self.cfg.lora)
             raw_state = merge_lora_state(raw_state, self.cfg.lora) if raw_state is not None else None
         save_bundle(
