@@ -225,6 +225,18 @@ class RolloutState:
             rep(self.latents), rep(self.actions), rep(self.w2c), rep(self.K), chunks=[], caches={},
         )
 
+    def take(self, rows: Tensor) -> "RolloutState":
+        """A state holding batch elements ``rows`` [n] (int64) of this one, with fresh caches (e.g. the RL
+        candidates kept for training, each with its own history)."""
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.index_select(0, rows.to(t.device))
+
+        return RolloutState(
+            pick(self.image_latent), pick(self.text), pick(self.text_mask), pick(self.neg_text), pick(self.neg_text_mask),
+            pick(self.latents), pick(self.actions), pick(self.w2c), pick(self.K), chunks=[], caches={},
+        )
+
 
 @dataclass
 class ChunkContext:
