@@ -225,6 +225,32 @@ def test_worldplay_bidirectional_parity(wp_state, tmp_path):
         b.model.fill_text_cache(cache, text, mask)
 
 
+def test_official_hunyuan_layout_converts_with_zero_worldplay_branches(wp_state, tmp_path):
+    """The official transformer/480p_i2v layout (no action / PRoPE keys) -> ``hunyuan`` command: HunyuanVideo-1.5's
+    arithmetic plus WorldPlay's branches initialised to change nothing (the reference with those keys zero)."""
+    base = {k: v for k, v in wp_state.items() if not k.startswith("action_in.") and "prope" not in k}
+    _write_ckpt(tmp_path, "480p_i2v", base)
+    out = tmp_path / "hy15"
+    assert convert_main(["hunyuan", str(tmp_path / "480p_i2v"), "--out", str(out), *SLOTS]) == 0
+    b = load_bundle(out, load_autoencoder=False, load_text_encoder=False)
+    b.model.cfg.attn_backend = "masked"
+    assert b.model.cfg.action and b.model.cfg.camera and b.meta["source"]["worldplay_branches"]
+    zeroed = dict(base, **{k: torch.zeros_like(v) for k, v in wp_state.items() if k not in base})
+    d, g = ref.Dims(), torch.Generator().manual_seed(11)
+    B, T, H, W, L = 2, 3, 3, 4, 5
+    sigma = torch.tensor([[0.5] * T, [0.25] * T])
+    cond = torch.zeros(B, T, dtype=torch.bool)
+    cond[:, 0] = True
+    x, img, actions, w2c, K, v = _video(g, d, B, T, H, W, sigma, cond, range(T))
+    llm, lm, by, bm, vis = _streams(g, B, L, d, llm_valid=[L, 2], byt5_valid=[1, 0])
+    with torch.no_grad():
+        txt, tmask = ref.text_stream(zeroed, llm, lm, by, bm, vis, sigma[:, 0] * 1000, d.heads)
+        expect = ref.bidirectional_forward(zeroed, d, v, txt, tmask, sigma[:, 0] * 1000)
+        text, mask = _packed(d, llm, lm, by, bm, vis)
+        got = b.model(x, sigma, actions=actions, w2c=w2c, K=K, text=text, text_mask=mask, image_latent=img, cond_mask=cond)
+    torch.testing.assert_close(got, expect, atol=ATOL, rtol=0)
+
+
 def test_worldplay_ar_parity(wp_state, tmp_path):
     """ar_distilled_action_model layout -> bundle: WorldDiT's KV-cache path (text cache, context filled with full
     attention at sigma 0.014, a chunk at reframed positions) equals WorldPlay's AR inference arithmetic."""
