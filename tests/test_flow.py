@@ -148,3 +148,50 @@ def test_euler_ode_with_exact_velocity_reaches_gaussian_target() -> None:
         x = euler_step(x, velocity(x, sig), sig, sig_next)
     torch.testing.assert_close(x.mean(0), m, atol=0.02, rtol=0)
     torch.testing.assert_close(x.std(0), s, atol=0.02, rtol=0.02)
+
+
+# --------------------------------------------------------------------------- prediction parameterisation
+
+
+def test_x0_and_v_readings_convert_both_ways_and_agree_on_the_truth() -> None:
+    from models.flow import output_from_velocity, output_from_x0, output_to_velocity, output_to_x0, prediction_loss
+
+    x0, eps = _latents(3)
+    sigma = torch.rand(2, 5, dtype=torch.float64) * 0.9 + 0.05
+    x = add_noise(x0, eps, sigma)
+    v = velocity_target(x0, eps)
+    for pred in ("v", "x0"):
+        out = output_from_x0(x0, x, sigma, pred)  # what a perfect network of this kind outputs
+        torch.testing.assert_close(out, v if pred == "v" else x0)
+        torch.testing.assert_close(output_to_x0(out, x, sigma, pred), x0)
+        torch.testing.assert_close(output_to_velocity(out, x, sigma, pred), v)
+        torch.testing.assert_close(output_from_velocity(output_to_velocity(out, x, sigma, pred), x, sigma, pred), out)
+        # the truth has zero loss in either space; an Euler step to 0 lands on x0
+        for space in ("v", "x0"):
+            assert prediction_loss(out, x0, eps, sigma, pred, space).abs().max() < 1e-10
+        torch.testing.assert_close(euler_step(x, output_to_velocity(out, x, sigma, pred), sigma, 0.0), x0)
+    # v-space loss on an x0 output is the x0 error over sigma^2 (sigma above the floor)
+    sigma = sigma.clamp_min(0.2)
+    x = add_noise(x0, eps, sigma)
+    out = x0 + 0.1
+    err = prediction_loss(out, x0, eps, sigma, "x0", "v", sigma_floor=0.2)
+    s = sigma.view(2, 1, 5, 1, 1)
+    torch.testing.assert_close(err.double(), (0.1 / s).pow(2).expand_as(err), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown prediction 'eps'"):
+        output_to_x0(out, x, sigma, "eps")
+
+
+def test_prediction_of_finds_the_worldDiT_inside_wrappers() -> None:
+    from models.config import preset
+    from models.dit import WorldDiT
+    from models.flow import prediction_of
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+    m = WorldDiT(preset("tiny"))
+    assert prediction_of(m) == "x0" and prediction_of(Wrapper(m)) == "x0"
+    with pytest.raises(ValueError, match="cannot tell"):
+        prediction_of(torch.nn.Linear(2, 2))

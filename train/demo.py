@@ -1,13 +1,14 @@
 """``make demo``: the whole pipeline on the embedded default, on a CPU, in a few minutes.
 
-synthetic world -> pretrain (tiny block-causal model) -> mid-train with memory -> bundle
--> a video rendered from the bundle by the inference module -> evaluation of that video.
+synthetic world -> pretrain (tiny block-causal model) -> mid-train with memory -> evaluation of both
+bundles on held-out clips (short, long revisits with memory on and off, control) -> a video rendered
+from the mid-trained bundle by the inference module.
 
-Every step is the real code path: the data CLI, the Hydra-composed training configs
-(``experiment=demo`` / ``demo_midtrain``) run through ``train.run``, the inference player and the
-evaluation protocol. Re-running resumes: finished stages are not trained again.
+Data, stages and evaluation are the ``demo`` pipeline (``configs/pipeline/demo.yaml``, run by
+``train.pipeline``: the same code as the GPU pipelines); the walk is ``python -m infer``. Re-running
+resumes: finished phases are not run again.
 
-    python -m train.demo [out=DIR] [clips=N] [pretrain_steps=N] [midtrain_steps=N]
+    python -m train.demo [out=DIR] [pretrain_steps=N] [midtrain_steps=N]
 """
 
 from __future__ import annotations
@@ -19,41 +20,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
+from train.pipeline import load_pipeline, run_pipeline
 
-from configs import CONFIG_DIR
-from configs.schema import register_configs
+_KEYS = ("out", "pretrain_steps", "midtrain_steps")
 
 
 def _args(argv: list[str]) -> dict[str, str]:
     out = {}
     for a in argv:
-        if "=" not in a:
-            raise SystemExit(f"train.demo: arguments are KEY=VALUE, got {a!r} (keys: out, clips, pretrain_steps, midtrain_steps)")
-        k, v = a.split("=", 1)
+        k, sep, v = a.partition("=")
+        if not sep or k not in _KEYS:
+            raise SystemExit(f"train.demo: arguments are KEY=VALUE with KEY one of {list(_KEYS)}, got {a!r}")
         out[k] = v
     return out
-
-
-def losses(run_dir: Path) -> tuple[float, float]:
-    """First and last logged training loss of a run (metrics.jsonl)."""
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    vals = [r["loss"] for r in rows if "loss" in r]
-    if not vals:
-        raise RuntimeError(f"{run_dir}/metrics.jsonl holds no loss records")
-    return float(vals[0]), float(vals[-1])
-
-
-def train_stage(experiment: str, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    """Compose ``experiment=<experiment>`` with overrides and run it in ``run_dir`` (resuming if present)."""
-    from train.run import run
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = compose("config", overrides=[f"experiment={experiment}", "checkpoint.resume=latest", *overrides])
-    t0 = time.time()
-    result = run(cfg, run_dir)
-    first, last = losses(run_dir)
-    return {"run_dir": str(run_dir), "bundle": str(run_dir / "export" / "bundle"), "steps": result.step, "loss_start": first, "loss_end": last, "seconds": round(time.time() - t0, 1)}
 
 
 def first_frame_png(data: Path, out: Path) -> Path:
@@ -71,70 +50,49 @@ def first_frame_png(data: Path, out: Path) -> Path:
 def render_video(bundle: Path, data: Path, out: Path, pose: str = "w-3, right-4, w-4, left-4, s-4, d-4") -> dict[str, Any]:
     """Run the inference CLI on the bundle: walk out, turn, come back; returns the sidecar's timings."""
     video = out / "walk.mp4"
-    cmd = [sys.executable, "-m", "infer", "--bundle", str(bundle), "--image", str(first_frame_png(data, out)), "--pose", pose, "--out", str(video), "--seed", "0"]
+    cmd = [sys.executable, "-m", "infer", "--bundle", str(bundle), "--image", str(first_frame_png(data, out)),
+           "--pose", pose, "--out", str(video), "--seed", "0"]
     subprocess.run(cmd, check=True)
     sidecar = json.loads(video.with_suffix(".json").read_text())
-    return {"video": str(video), "sidecar": str(video.with_suffix(".json")), "command": " ".join(cmd[1:]), "timings": sidecar.get("timings", {})}
-
-
-def evaluate(report: dict[str, Any], out: Path) -> dict[str, Any]:
-    """``python -m eval`` on both bundles (one table, as ablations are read) over held-out clips."""
-    held_out = out / "heldout"
-    if not (held_out / "index.json").exists():
-        subprocess.run([sys.executable, "-m", "data.synthetic", "--out", str(held_out), "--clips", "2", "--frames", "93", "--size", "32", "--trajectory", "revisit", "--seed", "1000"], check=True)
-    eval_dir = out / "eval"
-    cmd = [sys.executable, "-m", "eval", "--bundle", report["pretrain"]["bundle"], "--name", "pretrain", "--bundle", report["midtrain"]["bundle"], "--name", "midtrain",
-           "--protocol", "short,long", "--data", str(held_out), "--out", str(eval_dir), "--num", "1", "--long-latents", "48"]
-    subprocess.run(cmd, check=True)
-    table = [ln for ln in (eval_dir / "report.md").read_text().splitlines() if ln.startswith("|")]
-    print("\n".join(table[:8]))
-    return {"report": str(eval_dir / "report.md"), "command": " ".join(cmd[1:])}
+    return {"video": str(video), "sidecar": str(video.with_suffix(".json")), "command": " ".join(cmd[1:]),
+            "timings": sidecar.get("timings", {})}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = _args(sys.argv[1:] if argv is None else argv)
-    out = Path(a.get("out", "outputs/demo")).resolve()
-    clips = int(a.get("clips", "48"))
-    register_configs()
-    report: dict[str, Any] = {}
     t_all = time.time()
-
-    data = out / "data"
-    if not (data / "index.json").exists():
-        print(f"[demo] 1/5 synthetic world -> {data}", flush=True)
-        cmd = [sys.executable, "-m", "data.synthetic", "--out", str(data), "--clips", str(clips), "--frames", "93", "--size", "32", "--trajectory", "mixed", "--seed", "0"]
-        subprocess.run(cmd, check=True)
-    report["data"] = str(data)
-
-    print("[demo] 2/5 pretrain: tiny block-causal world model", flush=True)
-    common = [f"data.path={data}", "logger.progress_bar=false"]
-    steps = [f"trainer.steps={a['pretrain_steps']}"] if "pretrain_steps" in a else []
-    report["pretrain"] = train_stage("demo", out / "pretrain", common + steps)
-
-    print("[demo] 3/5 mid-train: reconstituted context memory", flush=True)
-    steps = [f"trainer.steps={a['midtrain_steps']}"] if "midtrain_steps" in a else []
-    report["midtrain"] = train_stage("demo_midtrain", out / "midtrain", common + steps + [f"init={report['pretrain']['bundle']}"])
-
-    print("[demo] 4/5 inference: a video from the mid-trained bundle", flush=True)
-    report["video"] = render_video(Path(report["midtrain"]["bundle"]), data, out)
-
-    print("[demo] 5/5 evaluation: pretrain vs mid-train bundle on held-out clips", flush=True)
-    report["eval"] = evaluate(report, out)
-
-    report["seconds"] = round(time.time() - t_all, 1)
+    cfg = load_pipeline("demo", [f"out={Path(a.get('out', 'outputs/demo')).resolve()}"])
+    for stage in cfg.stages:
+        if f"{stage.name}_steps" in a:
+            stage.overrides.append(f"trainer.steps={int(a[f'{stage.name}_steps'])}")
+    out = Path(cfg.out)
+    print(f"[demo] pipeline {cfg.name}: data -> {' -> '.join(s.name for s in cfg.stages)} -> evaluation ({out})", flush=True)
+    if run_pipeline(cfg) != 0:
+        raise SystemExit("[demo] the pipeline stopped before finishing; run `make demo` again to resume")
+    state = json.loads((out / "pipeline.json").read_text())
+    last = cfg.stages[-1].name
+    walk = out / "walk.json"
+    if not walk.exists():
+        print(f"[demo] inference: a walk from the {last} bundle", flush=True)
+        render_video(Path(state["stages"][last]["bundle"]), out / "data", out)
+    report = {"pipeline": state, "report": str(out / "report.md"), "video": str(out / "walk.mp4"),
+              "seconds": round(time.time() - t_all, 1)}
     (out / "demo_report.json").write_text(json.dumps(report, indent=1))
-    print("\n[demo] done in {:.0f}s".format(report["seconds"]))
-    print(f"  data       {report['data']}")
-    for stage in ("pretrain", "midtrain"):
-        r = report[stage]
-        print(f"  {stage:<10} loss {r['loss_start']:.4f} -> {r['loss_end']:.4f} in {r['steps']} steps ({r['seconds']}s); bundle {r['bundle']}")
-    print(f"  video      {report['video']['video']} (sidecar {report['video']['sidecar']})")
-    print(f"  evaluation {report['eval']['report']}")
-    print(f"  report     {out / 'demo_report.json'}")
-    for stage in ("pretrain", "midtrain"):
-        r = report[stage]
+    md = (out / "report.md").read_text()
+    for section in ("## Summary", "## Long: return path", "## Control"):
+        if section in md:
+            print("\n".join(ln for ln in md.split(section, 1)[1].split("\n## ", 1)[0].splitlines() if ln.startswith("|")))
+    print(f"\n[demo] done in {report['seconds']:.0f}s")
+    for s in cfg.stages:
+        r = state["stages"][s.name]
+        print(f"  {s.name:<10} loss {r['loss_start']:.4f} -> {r['loss_end']:.4f} in {r['step']} steps ({r['seconds']}s); "
+              f"bundle {r['bundle']}")
+    print(f"  video      {out / 'walk.mp4'} (sidecar {out / 'walk.json'})")
+    print(f"  report     {out / 'report.md'} (evaluation: {out / 'eval' / 'report.md'})")
+    for s in cfg.stages:
+        r = state["stages"][s.name]
         if not r["loss_end"] < r["loss_start"]:
-            raise SystemExit(f"[demo] {stage} loss did not fall ({r['loss_start']:.4f} -> {r['loss_end']:.4f})")
+            raise SystemExit(f"[demo] {s.name} loss did not fall ({r['loss_start']:.4f} -> {r['loss_end']:.4f})")
     return report
 
 

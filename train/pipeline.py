@@ -91,6 +91,7 @@ class EvalSpec:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "fp32"
+    steps: Optional[int] = None  # override the bundles' Euler steps (None: each bundle's own)
     short_latents: int = 16
     long_latents: Optional[int] = None  # None: 4 x each bundle's training window
     control_latents: int = 16
@@ -293,7 +294,7 @@ def run_eval(cfg: PipelineConfig, out: Path, state: dict[str, Any], clock: _Cloc
     e = cfg.eval
     clock.need(e.minutes * 60, "evaluation")
     names = e.stages or [s.name for s in cfg.stages]
-    pcfg = ProtocolConfig(num=e.num, seed=e.seed, device=e.device, dtype=e.dtype, short_latents=e.short_latents,
+    pcfg = ProtocolConfig(num=e.num, seed=e.seed, device=e.device, dtype=e.dtype, steps=e.steps, short_latents=e.short_latents,
                           long_latents=e.long_latents, control_latents=e.control_latents, lpips=LPIPSConfig())
     t0 = time.perf_counter()
     files = evaluate_bundles([state["stages"][n]["bundle"] for n in names], out / "heldout", out / "eval", e.protocols,
