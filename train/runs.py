@@ -335,7 +335,7 @@ class SweepSummary(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
             path = write_summary(sweep_dir)
-        except (OSError, RunNotFoundError) as e:  # a summary must never turn a finished sweep into a failure
+        except Exception as e:  # a summary must never turn a finished sweep into a failure: say why there is none
             print(f"[worldsmith] no sweep summary: {e}", file=sys.stderr, flush=True)
             return
         print(f"[worldsmith] sweep summary: {path}", flush=True)
