@@ -5,7 +5,8 @@ hidden 2048, 16 x 128 heads, Qwen2.5-VL 3584 / ByT5 1472 / SigLIP 1152 streams; 
 a quick check) with random weights directly on the device, converts its state dict with models/convert
 (diffusers -> official layout -> WorldDiT), and runs both on the same 480x832 latents, timesteps, LLM /
 ByT5 / SigLIP tokens (padded) and first-frame latent. Reports the relative L2 error of the WorldDiT output
-against diffusers' (both in ``--dtype``; with bf16 the two differ by rounding order only), their times, the
+against diffusers' (both in ``--dtype``; with bf16 the two differ by rounding order only) and of each against
+diffusers in fp32 (``rel_err_worlddit_vs_fp32`` should match ``rel_err_diffusers_vs_fp32``), their times, the
 peak memory, and whether WorldDiT -> WorldPlay layout -> WorldDiT reproduces every tensor bit for bit.
 
     python -m benchmarks.hy15_parity                       # 8.3B, bf16, 5 latents at 480x832 (one H200)
@@ -66,7 +67,29 @@ def run_parity(depth: int = 54, device: str = "cuda", dtype: torch.dtype = torch
     with torch.device(device):
         ref = HunyuanVideo15Transformer3DModel(**config)
     _randomize(ref, seed)
-    ref.to(dtype).eval()
+    ref.eval()  # fp32 first: its output is the yardstick for both low-precision runs
+
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    C = config["out_channels"]
+    x = torch.randn(1, C, frames, height, width, generator=g, device=device)
+    img = torch.randn(1, C, height, width, generator=g, device=device)
+    sigma = torch.tensor([0.8333], device=device)
+    llm = torch.randn(1, llm_tokens, 3584, generator=g, device=device)
+    lm = torch.arange(llm_tokens, device=device)[None] < int(0.8 * llm_tokens)
+    by = torch.randn(1, 256, 1472, generator=g, device=device)
+    bm = torch.arange(256, device=device)[None] < 20
+    vis = torch.randn(1, 729, 1152, generator=g, device=device)
+    cond = torch.zeros(1, frames, dtype=torch.bool, device=device)
+    cond[:, 0] = True
+    m = cond.to(x.dtype)[:, None, :, None, None]
+    x_in = torch.cat([x, img[:, :, None] * m, m.expand(-1, 1, -1, height, width)], 1)
+
+    def diffusers_forward(dt: torch.dtype) -> torch.Tensor:
+        return ref(x_in.to(dt), (sigma * 1000).to(dt), llm.to(dt), lm.long(), encoder_hidden_states_2=by.to(dt),
+                   encoder_attention_mask_2=bm.long(), image_embeds=vis.to(dt)).sample.float()
+
+    expect32 = diffusers_forward(torch.float32)
+    ref.to(dtype)
 
     t0 = time.perf_counter()
     official = diffusers_to_official(ref.state_dict(), where="diffusers (random)")
@@ -89,25 +112,9 @@ def run_parity(depth: int = 54, device: str = "cuda", dtype: torch.dtype = torch
     roundtrip = set(back) == set(wp_state) and all(torch.equal(back[k], wp_state[k]) for k in wp_state)
     del back, wp_state
 
-    g = torch.Generator(device=device).manual_seed(seed + 1)
-    C = cfg.latent_channels
-    x = torch.randn(1, C, frames, height, width, generator=g, device=device)
-    img = torch.randn(1, C, height, width, generator=g, device=device)
-    sigma = torch.tensor([0.8333], device=device)
-    llm = torch.randn(1, llm_tokens, 3584, generator=g, device=device)
-    lm = torch.arange(llm_tokens, device=device)[None] < int(0.8 * llm_tokens)
-    by = torch.randn(1, 256, 1472, generator=g, device=device)
-    bm = torch.arange(256, device=device)[None] < 20
-    vis = torch.randn(1, 729, 1152, generator=g, device=device)
-    cond = torch.zeros(1, frames, dtype=torch.bool, device=device)
-    cond[:, 0] = True
-    m = cond.to(x.dtype)[:, None, :, None, None]
-    x_in = torch.cat([x, img[:, :, None] * m, m.expand(-1, 1, -1, height, width)], 1)
-
     _sync(device)
     t0 = time.perf_counter()
-    expect = ref(x_in.to(dtype), (sigma * 1000).to(dtype), llm.to(dtype), lm.long(), encoder_hidden_states_2=by.to(dtype),
-                 encoder_attention_mask_2=bm.long(), image_embeds=vis.to(dtype)).sample.float()
+    expect = diffusers_forward(dtype)
     _sync(device)
     ref_s = time.perf_counter() - t0
     del ref
@@ -120,12 +127,17 @@ def run_parity(depth: int = 54, device: str = "cuda", dtype: torch.dtype = torch
                 text_mask=tmask.to(device), image_latent=img.to(dtype), cond_mask=cond).float()
     _sync(device)
     ours_s = time.perf_counter() - t0
-    rel = float((got - expect).norm() / expect.norm())
+    def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
     return {
         "device": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "depth": depth,
         "params": sum(p.numel() for p in model.parameters()), "latents": f"{frames}x{height}x{width}",
-        "text_tokens": int(text.shape[1]), "rel_err": rel, "max_abs_err": float((got - expect).abs().max()),
+        "text_tokens": int(text.shape[1]), "rel_err": rel_err(got, expect), "max_abs_err": float((got - expect).abs().max()),
+        # both low-precision runs against diffusers in fp32 (same weights before rounding): "within bf16 tolerance"
+        # means WorldDiT's error is of the size of diffusers' own
+        "rel_err_worlddit_vs_fp32": rel_err(got, expect32), "rel_err_diffusers_vs_fp32": rel_err(expect, expect32),
         "out_rms": float(expect.pow(2).mean().sqrt()), "roundtrip_bit_exact": roundtrip, "convert_s": convert_s,
         "diffusers_forward_s": ref_s, "worlddit_forward_s": ours_s,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if torch.device(device).type == "cuda" else None,

@@ -474,4 +474,5 @@ def test_gpu_bf16_parity_full_width():
 
     r = run_parity(depth=2, device="cuda", dtype=torch.bfloat16, frames=5, height=30, width=52)
     assert r["roundtrip_bit_exact"]
-    assert r["rel_err"] < 2e-2, r
+    # bf16 tolerance: WorldDiT's distance to the fp32 result is of the size of diffusers' own bf16 error
+    assert r["rel_err_worlddit_vs_fp32"] <= 1.5 * r["rel_err_diffusers_vs_fp32"] + 1e-3, r
