@@ -227,9 +227,13 @@ class PrecomputedTextEncoder(TextEncoder):
         if key not in self._keys:
             raise KeyError(f"precomputed text encoder: {self.path} has no embedding for caption {caption[:80]!r}; "
                            f"re-run `python -m models.convert embeddings` over these captions")
+        return self._read(f"text.{key}.llm")[: self.max_length].float(), self._read(f"text.{key}.byt5").float()
+
+    def _read(self, name: str) -> Tensor:
+        """One tensor of the file (reopened after unpickling)."""
         if self._get is None:
             self._get = _open_embeddings(self.path)[0]
-        return self._get(f"text.{key}.llm")[: self.max_length].float(), self._get(f"text.{key}.byt5").float()
+        return self._get(name)
 
     def has_image(self, image) -> bool:
         """Whether the file holds vision tokens for ``image`` (uint8 [H, W, 3]); see :func:`image_key`."""
@@ -254,9 +258,7 @@ class PrecomputedTextEncoder(TextEncoder):
             if key not in self._images:
                 raise KeyError(f"precomputed text encoder: {self.path} has no vision tokens for this image (key "
                                f"{key[:16]}...); run `python -m models.convert embeddings --image ...` for it")
-            if self._get is None:
-                self._get = _open_embeddings(self.path)[0]
-            vision.append(self._get(f"image.{key}").float())
+            vision.append(self._read(f"image.{key}").float())
         texts = [self._lookup_streams(p) for p in prompts]
         tokens, mask = pack_text_streams([t[0] for t in texts], [t[1] for t in texts], vision, self.layout)
         return (tokens * mask.unsqueeze(-1)).to(self.device), mask.to(self.device)
