@@ -22,6 +22,7 @@ from models.text_encoders import TextEncoderConfig
 from train.config import CheckpointConfig, DistConfig, LoggerConfig, OptimConfig, ScheduleConfig, TrainerConfig
 from train.data import DataConfig
 from train.lora import LoraConfig
+from distill.config import DISTILL_STAGE_CONFIGS
 from rl.config import RL_STAGE_CONFIGS
 from train.stages import STAGE_CONFIGS
 
@@ -64,7 +65,7 @@ def register_configs() -> None:
     cs.store(group="text_encoder", name="precomputed", node=TextEncoderConfig(kind="precomputed"))
     cs.store(group="data", name="synthetic", node=DataConfig(path="outputs/data/synthetic"))
     cs.store(group="data", name="shards", node=DataConfig())
-    for name, cls in {**STAGE_CONFIGS, **RL_STAGE_CONFIGS}.items():
+    for name, cls in {**STAGE_CONFIGS, **DISTILL_STAGE_CONFIGS, **RL_STAGE_CONFIGS}.items():
         cs.store(group="stage", name=name, node=cls())
     cs.store(group="optim", name="adamw", node=OptimConfig(name="adamw"))
     cs.store(group="optim", name="muon", node=OptimConfig(name="muon"))

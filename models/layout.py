@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -44,6 +44,7 @@ __all__ = [
     "window_layout",
     "chunk_layout",
     "teacher_layout",
+    "aligned_layout",
     "position_span",
     "check_trained_span",
     "clamp_memory",
@@ -169,6 +170,31 @@ def teacher_layout(c2w_past: Tensor, c2w_window: Tensor, memory: MemoryConfig) -
     idx = torch.cat([ctx, torch.arange(N, N + W, device=dev)])[None]
     M = ctx.shape[0]
     return Layout(idx, _contiguous_positions(1, M, W, dev), M)
+
+
+def aligned_layout(contexts: Sequence[Tensor], window_start: int, window_len: int) -> Layout:
+    """Context-Forcing teacher layout from the memories an AR student actually used: [union context | window].
+
+    contexts: one per AR chunk of the window, the history indices that chunk's context held ([M_i] int64,
+    e.g. ``ChunkRecord.context_idx[b]``; chunks inside the window may hold earlier window latents). The
+    context is the union of them minus the window latents window_start..window_start+window_len-1, sorted;
+    positions are contiguous (0..M-1, then the window). Unbatched: the union's size depends on the rollout.
+    With the memory rule that built ``contexts`` this is :func:`teacher_layout` over the same poses.
+    """
+    if window_start < 0 or window_len < 1:
+        raise ValueError(f"aligned_layout: need window_start >= 0 and window_len >= 1, got {window_start}, {window_len}")
+    end = window_start + window_len
+    flat = [c.reshape(-1) for c in contexts]
+    dev = flat[0].device if flat else torch.device("cpu")
+    idx = torch.cat(flat).long() if flat else torch.zeros(0, dtype=torch.long, device=dev)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= end):
+        raise ValueError(f"aligned_layout: context indices must lie in [0, {end}) (before the window's end), got "
+                         f"{int(idx.min())}..{int(idx.max())}")
+    union = torch.unique(idx)  # sorted
+    ctx = union[union < window_start]  # minus the window (nothing lies beyond its end)
+    M = ctx.shape[0]
+    indices = torch.cat([ctx, torch.arange(window_start, end, device=dev)])[None]
+    return Layout(indices, _contiguous_positions(1, M, window_len, dev), M)
 
 
 def position_span(memory: MemoryConfig, unit: int) -> int:

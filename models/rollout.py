@@ -369,10 +369,12 @@ class Rollout:
         state.caches.clear()
         state.context_keys.clear()
 
-    def context(self, state: RolloutState, actions: Tensor, w2c: Tensor, K: Tensor) -> ChunkContext:
+    def context(self, state: RolloutState, actions: Tensor, w2c: Tensor, K: Tensor, layout: Layout | None = None) -> ChunkContext:
         """Select and reframe the memory for the next ``unit`` latents and fill the caches (ar) once.
 
         actions [B, L] int64, w2c [B, L, 4, 4], K [B, L, 3, 3] (normalised) of the new latents.
+        layout: use these slots instead of selecting the memory (e.g. the Context-Forcing teacher's
+        ``models.layout.aligned_layout``): [B, M + L], context indices in the history, then the next L latents.
         """
         cfg = self.cfg
         L = self._check_cond(state, actions, w2c, K, what="step")
@@ -384,7 +386,9 @@ class Rollout:
         N, B, dev = state.num_latents, state.batch, state.latents.device
         c2w_past = invert_rigid(state.w2c.float())
         c2w_new = invert_rigid(w2c.float())
-        if cfg.mode == "ar":
+        if layout is not None:
+            layout = self._given_layout(layout.to(dev), N, B, L)
+        elif cfg.mode == "ar":
             layout = chunk_layout(c2w_past, c2w_new, cfg.memory)
         else:
             layout = self._window_layout(c2w_past, c2w_new)
@@ -674,6 +678,19 @@ class Rollout:
             text=text, text_mask=mask, image_latent=state.image_latent, cond_mask=cm, chunk_size=None, cache=None,
         )
         return v[:, :, M:]
+
+    @staticmethod
+    def _given_layout(layout: Layout, N: int, B: int, L: int) -> Layout:
+        """A caller's layout checked against the history (N latents) and the new unit (B x L latents)."""
+        if layout.batch != B or layout.num_new != L:
+            raise ValueError(f"context: the given layout is [{layout.batch}, {layout.num_context} + {layout.num_new}], "
+                             f"expected batch {B} and {L} new latents")
+        new = torch.arange(N, N + L, device=layout.indices.device).expand(B, L)
+        ctx = layout.context_idx
+        if not torch.equal(layout.new_idx, new) or (ctx.numel() and (int(ctx.min()) < 0 or int(ctx.max()) >= N)):
+            raise ValueError(f"context: the given layout's new slots must be latents {N}..{N + L - 1} and its context "
+                             f"indices must lie in the history [0, {N})")
+        return layout
 
     def _window_layout(self, c2w_past: Tensor, c2w_new: Tensor) -> Layout:
         """Per-sample teacher layouts stacked [B, M + W]; samples must agree on M (the union size depends on poses)."""
