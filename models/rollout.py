@@ -570,6 +570,11 @@ class Rollout:
             traj = Trajectory(torch.stack(xs), sig[: exit_step + 1], torch.stack(vs), torch.stack(x0s))
         record = ChunkRecord(ctx.start, x0, ctx.context_idx, ctx.context_pos, ctx.positions, sig, exit_step, traj,
                              context_reused=ctx.reused, pinned=ctx.pinned)
+        if self.cfg.mode == "ar" and (keep_grad or grad_step is not None):
+            # Calls that kept a graph read this chunk's caches, and activation checkpointing re-runs them in
+            # backward: the next chunk must not refill those cache objects, so it gets fresh ones.
+            state.caches.clear()
+            state.context_keys.clear()
         if commit:
             self._append(state, x0, actions, w2c, K)
             state.chunks.append(record)

@@ -208,6 +208,28 @@ def test_cache_is_rewritten_from_the_clean_output_and_grad_flows_through_the_exi
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def test_self_rollout_gradients_are_the_same_with_activation_checkpointing():
+    """Checkpointed blocks re-run each chunk's exit call in backward from that chunk's KV cache: later chunks must
+    not have refilled it (the sampler gives each chunk that kept a graph fresh caches)."""
+    from distill.self_rollout import self_rollout
+
+    actions, w2c, K = (t.expand(2, *t.shape[1:]) for t in _walk(24))
+    x0 = torch.randn(2, 16, 24, 4, 4, generator=torch.Generator().manual_seed(1))
+
+    def grads(checkpointing: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = randomize(WorldDiT(replace(preset("tiny"), latent_channels=16, grad_checkpointing=checkpointing)))
+        sr = self_rollout(Rollout(model, RolloutConfig(schedule="distilled", memory=MEM)), x0, actions, w2c, K, history=8,
+                          chunks=4, exit_step=2, generator=torch.Generator().manual_seed(5), grad=True)
+        sr.window.pow(2).sum().backward()
+        return [p.grad for p in model.parameters() if p.grad is not None]
+
+    plain, ckpt = grads(False), grads(True)
+    assert len(plain) == len(ckpt) > 0
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # DMD
 # ------------------------------------------------------------------------------------------------
@@ -256,6 +278,27 @@ def test_dmd_generator_gradient_is_zero_when_fake_score_equals_real_score(long_c
     grads = student_grads(10)
     assert any(g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None for p in stage.models["fake_score"].parameters())  # the generator loss reaches the student only
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(long_clips, bundles, tmp_path):
+    """dist.activation_checkpointing=true (student and fake score blocks recomputed in backward) gives the same
+    generator and critic gradients as without it."""
+    from train.stages.inputs import encode_video
+
+    def grads(tag: str, *extra: str) -> dict[str, torch.Tensor]:
+        trainer = setup_trainer(distill_cfg(long_clips, bundles, "stage.real_guidance=2.0", *extra), tmp_path / tag)
+        stage = trainer.stage
+        batch = next(trainer.data_iter)
+        x0 = encode_video(stage.autoencoder, batch, stage.device)
+        torch.manual_seed(0)
+        (stage.generator_losses(batch, x0, 5).losses["student"] + stage.critic_losses(batch, x0, 5).losses["fake_score"]).backward()
+        return {f"{r}.{k}".replace("_checkpoint_wrapped_module.", ""): p.grad.clone() for r in ("student", "fake_score")
+                for k, p in trainer.roles[r].wrapped.raw.named_parameters() if p.grad is not None}
+
+    plain, ckpt = grads("plain"), grads("ckpt", "dist.activation_checkpointing=true")
+    assert plain.keys() == ckpt.keys() and any(k.startswith("student.") for k in plain) and any(k.startswith("fake_score.") for k in plain)
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"{k}: {m}")
 
 
 def test_critic_generator_cadence(long_clips, bundles, tmp_path):
