@@ -35,6 +35,7 @@ from torch import Tensor
 from data.synthetic import derive_seed
 from models.bundle import load_bundle, save_bundle, worlddit_factory
 from models.flow import add_noise
+from models.layout import Layout
 from models.rollout import Rollout
 from rl.advantages import compute_advantages
 from rl.config import RLStageConfig
@@ -220,6 +221,9 @@ class RLStage(Stage):
         x0_all = gr.record.latents.detach()
         L, hw = x0_all.shape[2], x0_all.shape[3] * x0_all.shape[4]
         p = self.model_section.get("patch", [1, 1, 1])
+        rec = gr.record  # the candidates' layout: the memory the sampler selected, reused (not re-selected) per micro-batch
+        new_idx = torch.arange(gr.start, gr.start + L, device=rec.context_idx.device).expand(rec.context_idx.shape[0], L)
+        slots = Layout(torch.cat([rec.context_idx, new_idx], 1), torch.cat([rec.context_pos, rec.positions], 1), rec.context_idx.shape[1])
         for o in range(0, len(micro), accum):
             group = micro[o:o + accum]
             calls = len(group) * n_sig
@@ -227,16 +231,17 @@ class RLStage(Stage):
             for rows in group:
                 rows_d = rows.to(gr.actions.device)
                 cond = (gr.actions[rows_d], gr.w2c[rows_d], gr.K[rows_d])
+                lay = Layout(slots.indices[rows.to(slots.indices.device)], slots.positions[rows.to(slots.indices.device)], slots.num_context)
                 st_theta = gr.candidates.take(rows_d)
                 with torch.no_grad(), trainer.autocast():
-                    ctx_theta = fill.context(st_theta, *cond)  # the current policy's context K/V, detached
+                    ctx_theta = fill.context(st_theta, *cond, layout=lay)  # the current policy's context K/V, detached
                     st_old = ctx_old = st_ref = ctx_ref = None
                     if not s.official_overwrite:
                         st_old = gr.candidates.take(rows_d)
-                        ctx_old = shadow.context(st_old, *cond)
+                        ctx_old = shadow.context(st_old, *cond, layout=lay)
                     if ref is not None:
                         st_ref = gr.candidates.take(rows_d)
-                        ctx_ref = ref.context(st_ref, *cond)
+                        ctx_ref = ref.context(st_ref, *cond, layout=lay)
                 order = torch.randperm(n_steps, generator=g_cpu)[:n_sig]
                 x0 = x0_all[rows_d].float()
                 for k in order.tolist():
@@ -297,7 +302,8 @@ class RLStage(Stage):
         return {k: v for k, v in scores.items() if np.isfinite(v)}
 
     def export(self, trainer, out_dir: Path) -> None:
-        """bundle/ (checkpoint-EMA weights, LoRA merged; the parent's sampling section) and, with LoRA, adapter/."""
+        """bundle/ (checkpoint-EMA weights, LoRA merged; the parent's sampling section) and, with LoRA, adapter/ from the
+        same weights (as the flow stages export: base + adapter = model.safetensors, base + adapter_raw = model_raw)."""
         from train.stages.flow_stage import last_logged_metrics
 
         ema = trainer.has_ema("policy")
@@ -320,7 +326,7 @@ class RLStage(Stage):
                    "shift": self.settings.rollout.shift, "curriculum": s.curriculum, "window_latents": s.window_latents},
         }
         if lora:
-            save_adapter(raw_state if raw_state is not None else run_state, self.cfg.lora, out_dir / "adapter", base=self.parent)
+            save_adapter(run_state, self.cfg.lora, out_dir / "adapter", base=self.parent, raw_state=raw_state)
             run_state = merge_lora_state(run_state, self.cfg.lora)
             raw_state = merge_lora_state(raw_state, self.cfg.lora) if raw_state is not None else None
         config = self.bundle_config

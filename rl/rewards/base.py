@@ -15,7 +15,14 @@ from torch import Tensor
 
 from data.actions import MotionSteps
 
-__all__ = ["RewardBatch", "RewardResult", "Reward"]
+__all__ = ["RewardBatch", "RewardResult", "Reward", "scored_mean"]
+
+
+def scored_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Per-candidate mean [R] (float64, CPU) of values [R, L] over the latents ``mask`` [R, L] marks; NaN where none."""
+    v, m = values.double().cpu(), mask.double().cpu()
+    n = m.sum(1)
+    return torch.where(n > 0, (v * m).sum(1) / n.clamp_min(1), torch.full_like(n, float("nan")))
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rl.config import DriftRewardConfig
-from rl.rewards.base import Reward, RewardBatch, RewardResult
+from rl.rewards.base import Reward, RewardBatch, RewardResult, scored_mean
 
 __all__ = ["QualityDriftReward", "image_stats"]
 
@@ -62,6 +62,4 @@ class QualityDriftReward(Reward):
             delta = (gen[name].reshape(R, L) - ref[name][:, None]).abs()
             total = total + float(getattr(self.cfg, name)) * delta
             diag[f"drift/{name}"] = float(((delta * mask).sum() / mask.sum().clamp_min(1)).cpu())
-        score = -(total * mask).sum(1) / mask.sum(1)
-        score = torch.where(mask.sum(1) > 0, score, torch.full_like(score, float("nan")))
-        return RewardResult({"drift": score.double().cpu()}, diag)
+        return RewardResult({"drift": -scored_mean(total, batch.scored)}, diag)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from eval.metrics import psnr
 from rl.config import GeometryRewardConfig
-from rl.rewards.base import Reward, RewardBatch, RewardResult
+from rl.rewards.base import Reward, RewardBatch, RewardResult, scored_mean
 
 __all__ = ["ExactGeometryReward", "frame_psnr"]
 
@@ -24,12 +24,6 @@ def frame_psnr(a: Tensor, b: Tensor, cap: float) -> Tensor:
     """Capped PSNR (dB) per frame of uint8 frames a, b [R, L, H, W, 3] -> float64 [R, L] (eval.metrics.psnr)."""
     R, L = a.shape[:2]
     return psnr(a.reshape(R * L, *a.shape[2:]), b.reshape(R * L, *b.shape[2:]).to(a.device)).clamp(max=cap).reshape(R, L)
-
-
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    m = mask.to(x.dtype)
-    out = (x * m).sum(1) / m.sum(1)
-    return torch.where(m.sum(1) > 0, out, torch.full_like(out, float("nan")))
 
 
 class ExactGeometryReward(Reward):
@@ -43,14 +37,14 @@ class ExactGeometryReward(Reward):
         if batch.truth is None:
             return RewardResult({"geometry": self.nan(batch.rows)}, {"geometry/defined_share": 0.0})
         cap = self.cfg.psnr_cap
-        mask = batch.scored.to(batch.frames.device)
+        mask = batch.scored
         own = frame_psnr(batch.frames, batch.truth, cap)
-        score = _masked_mean(own, mask)
+        score = scored_mean(own, mask)
         diag = {"geometry/psnr": float(score.nanmean()) if bool(torch.isfinite(score).any()) else float("nan"), "geometry/defined_share": 1.0}
         if batch.truth_alt is not None and self.cfg.alt_weight:
             alt = frame_psnr(batch.frames, batch.truth_alt, cap)
-            penalty = _masked_mean((alt - own).clamp_min(0.0), mask)
+            penalty = scored_mean((alt - own).clamp_min(0.0), mask)
             score = score - self.cfg.alt_weight * penalty
-            diag["geometry/alt_psnr"] = float(_masked_mean(alt, mask).nanmean())
+            diag["geometry/alt_psnr"] = float(scored_mean(alt, mask).nanmean())
             diag["geometry/alt_penalty"] = float(penalty.nanmean())
-        return RewardResult({"geometry": score.double().cpu()}, diag)
+        return RewardResult({"geometry": score}, diag)

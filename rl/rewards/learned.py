@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from rl.config import LearnedRewardConfig
-from rl.rewards.base import Reward, RewardBatch, RewardResult
+from rl.rewards.base import Reward, RewardBatch, RewardResult, scored_mean
 
 __all__ = ["LearnedReward", "load_learned"]
 
@@ -97,7 +97,4 @@ class LearnedReward(Reward):
         out = torch.cat([torch.as_tensor(self.model(flat[i:i + n])).reshape(-1).float().cpu() for i in range(0, R * L, n)])
         if out.shape != (R * L,):
             raise ValueError(f"learned reward {self.name}: expected [{R * L}] frame scores, got {tuple(out.shape)}")
-        m = batch.scored.cpu().double()
-        per = out.double().reshape(R, L)
-        score = torch.where(m.sum(1) > 0, (per * m).sum(1) / m.sum(1).clamp_min(1), torch.full((R,), float("nan"), dtype=torch.float64))
-        return RewardResult({self.name: score})
+        return RewardResult({self.name: scored_mean(out.reshape(R, L), batch.scored)})

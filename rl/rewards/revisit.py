@@ -12,10 +12,8 @@ self-consistency measure the ``long`` evaluation protocol reports, as a reward.
 
 from __future__ import annotations
 
-import torch
-
 from rl.config import RevisitRewardConfig
-from rl.rewards.base import Reward, RewardBatch, RewardResult
+from rl.rewards.base import Reward, RewardBatch, RewardResult, scored_mean
 from rl.rewards.geometry import frame_psnr
 
 __all__ = ["RevisitReward"]
@@ -31,9 +29,6 @@ class RevisitReward(Reward):
     def __call__(self, batch: RewardBatch) -> RewardResult:
         if batch.revisit_ref is None or batch.revisit_mask is None:
             return RewardResult({"revisit": self.nan(batch.rows)}, {"revisit/defined_share": 0.0})
-        mask = (batch.revisit_mask & batch.scored).to(batch.frames.device)
-        p = frame_psnr(batch.frames, batch.revisit_ref, self.cfg.psnr_cap)
-        m = mask.double()
-        n = m.sum(1)
-        score = torch.where(n > 0, (p * m).sum(1) / n.clamp_min(1), torch.full_like(n, float("nan")))
-        return RewardResult({"revisit": score.cpu()}, {"revisit/defined_share": float((n > 0).double().mean())})
+        mask = batch.revisit_mask.cpu() & batch.scored.cpu()
+        score = scored_mean(frame_psnr(batch.frames, batch.revisit_ref, self.cfg.psnr_cap), mask)
+        return RewardResult({"revisit": score}, {"revisit/defined_share": float(mask.any(1).double().mean())})
