@@ -154,6 +154,22 @@ class KVCache:
         self.context_frames, self.tokens_per_frame, self.context_t_pos = frames, tokens_per_frame, t_pos
         self._specs = {}
 
+    def repeat_interleave(self, n: int) -> "KVCache":
+        """A cache whose batch element i holds this cache's element i // n (e.g. G RL candidates sharing one
+        context fill); keys/values are copied once, in token-major memory like the block's own."""
+
+        def rep(kv: LayerKV) -> LayerKV:
+            return LayerKV(kv.k.transpose(1, 2).repeat_interleave(n, dim=0).transpose(1, 2),
+                           kv.v.transpose(1, 2).repeat_interleave(n, dim=0).transpose(1, 2))
+
+        out = KVCache(self.depth)
+        out.text = None if self.text is None else [rep(kv) for kv in self.text]
+        out.text_mask = None if self.text_mask is None else self.text_mask.repeat_interleave(n, dim=0)
+        out.layers = None if self.layers is None else [rep(kv) for kv in self.layers]
+        out.context_frames, out.tokens_per_frame, out.room = self.context_frames, self.tokens_per_frame, self.room
+        out.context_t_pos = None if self.context_t_pos is None else self.context_t_pos.repeat_interleave(n, dim=0)
+        return out
+
     def keep_context(self, frames: int) -> None:
         """Keep only the first ``frames`` latent frames of the cached context (views of the same buffers)."""
         if self.layers is None or not 0 < frames <= self.context_frames:

@@ -274,6 +274,19 @@ class ChunkContext:
         """[B, L] latents that get the image in the conditioning channels (the pinned ones)."""
         return self.pinned
 
+    def repeat_interleave(self, n: int) -> "ChunkContext":
+        """This context for ``n`` copies of every batch element (a state branched with
+        :meth:`RolloutState.repeat_interleave`): layout, conditioning and filled caches repeated, so G RL
+        candidates are sampled from one context fill instead of G."""
+
+        def rep(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.repeat_interleave(n, dim=0)
+
+        layout = Layout(rep(self.layout.indices), rep(self.layout.positions), self.layout.num_context)
+        window = None if self.window_context is None else {k: rep(v) for k, v in self.window_context.items()}
+        return ChunkContext(self.start, layout, rep(self.actions), rep(self.w2c), rep(self.K), rep(self.pinned),
+                            {b: c.repeat_interleave(n) for b, c in self.caches.items()}, window, self.reused)
+
 
 class Rollout:
     """Samples video from a WorldDiT-like model with memory; see the module docstring.
@@ -516,13 +529,16 @@ class Rollout:
         exit_step: int | None = None,
         return_trajectory: bool = False,
         commit: bool = True,
+        context: ChunkContext | None = None,
     ) -> ChunkRecord:
         """Generate the next chunk (ar) or window (window) and, if ``commit``, append it to the history.
 
         keep_grad: every model call keeps its graph. grad_step s: calls before s run under no_grad,
         call s (and any later call up to the exit) keep their graph; the chunk then stops at s
         unless ``exit_step`` says otherwise (Self-Forcing's random exit step). exit_step s: stop
-        after model call s and return its clean prediction. Returns the chunk's record.
+        after model call s and return its clean prediction. context: a ChunkContext for these latents built
+        already (:meth:`context`, :meth:`ChunkContext.repeat_interleave`) instead of filling one now.
+        Returns the chunk's record.
         """
         n = self.num_steps
         if grad_step is not None and not 0 <= grad_step < n:
@@ -534,7 +550,13 @@ class Rollout:
         if grad_step is not None and grad_step > exit_step:
             raise ValueError(f"grad_step={grad_step} comes after exit_step={exit_step}: no call would keep gradients")
 
-        ctx = self.context(state, actions, w2c, K)
+        if context is not None:  # a context filled already (e.g. once for G candidates: ChunkContext.repeat_interleave)
+            if context.start != state.num_latents or context.actions.shape != actions.shape:
+                raise ValueError(f"step: the given context is for latents from {context.start} with actions "
+                                 f"{tuple(context.actions.shape)}; the state has {state.num_latents} latents, actions {tuple(actions.shape)}")
+            ctx = context
+        else:
+            ctx = self.context(state, actions, w2c, K)
         ref = state.latents
         B, C, _, h, w = ref.shape
         L = actions.shape[1]

@@ -5,9 +5,10 @@ For a target chunk n of a batch of P groups (a start image and a path each):
 1. the prefix, chunks 1..n-1, is generated once per group by the rollout policy (the EMA shadow) with
    the deterministic Euler ODE: ``Rollout.start`` + ``Rollout.step``, i.e. memory retrieval, reframing
    and the KV cache exactly as at inference;
-2. the state is branched with ``RolloutState.repeat_interleave(G)`` and the G candidates of chunk n are
-   sampled as one batch from the shared history (``Rollout.step(..., commit=False)``), each from its
-   own noise;
+2. the target chunk's context (memory selection, reframing, K/V) is filled once per group
+   (``Rollout.context``), the state and that context are branched G times
+   (``RolloutState.repeat_interleave``, ``ChunkContext.repeat_interleave``) and the G candidates of chunk n
+   are sampled as one batch from it (``Rollout.step(..., context=..., commit=False)``), each from its own noise;
 3. the minimal latent segment is decoded (a few prefix latents for a causal VAE's warm-up, then the
    chunk) into latent-rate frames, kept in memory (no video files), and assembled with the commanded
    path, the true renders and the revisit references into a ``RewardBatch``.
@@ -113,10 +114,11 @@ def roll_out_group(
         rollout.step(state, actions[:, s:s + C], w2c[:, s:s + C], K[:, s:s + C], generator)
     if timer is not None:
         timer.mark("prefix")
-    cand = state.repeat_interleave(G)
     sl = slice(start, need)
+    shared = rollout.context(state, actions[:, sl], w2c[:, sl], K[:, sl])  # the memory selected and its K/V filled once per group
+    cand = state.repeat_interleave(G)
     a, w, k = actions[:, sl].repeat_interleave(G, 0), w2c[:, sl].repeat_interleave(G, 0), K[:, sl].repeat_interleave(G, 0)
-    record = rollout.step(cand, a, w, k, generator, commit=False)
+    record = rollout.step(cand, a, w, k, generator, commit=False, context=shared.repeat_interleave(G))
     if timer is not None:
         timer.mark("candidates")
     return GroupRollout(paths, G, start, state, record, cand, a, w, k)

@@ -57,14 +57,17 @@ def synth_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> Path:
-    cfg = replace(preset("tiny"), latent_channels=48, text_dim=0, depth=1)
+def _tiny_bundle(path: Path, prediction: str = "x0") -> Path:
+    cfg = replace(preset("tiny"), latent_channels=48, text_dim=0, depth=1, prediction=prediction)
     model = randomize(WorldDiT(cfg), 3).eval()
-    path = tmp_path_factory.mktemp("rl_bundle") / "bundle"
     return save_bundle(path, model, model_cfg=cfg, autoencoder_cfg=AutoencoderConfig(kind="patch", patch_size=4),
                        text_encoder_cfg=TextEncoderConfig(kind="none"), sampling=SAMPLING,
                        meta={"stage": "midtrain", "step": 7, "data": {"num_latents": 12}}, overwrite=True)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> Path:
+    return _tiny_bundle(tmp_path_factory.mktemp("rl_bundle") / "bundle")
 
 
 def rl_overrides(bundle: Path, data: Path, *extra: str) -> list[str]:
@@ -494,7 +497,9 @@ def test_rl_stage_config_errors_name_the_problem(bundle_dir, synth_dir, tmp_path
         _run(rl_overrides(bundle_dir, tmp_path / "nowhere", "trainer.steps=1"), tmp_path / "c")
 
 
-def test_rl_stage_with_lora_and_kl_exports_adapter_and_merged_bundle(bundle_dir, synth_dir, tmp_path) -> None:
+def test_rl_stage_with_lora_and_kl_on_a_v_prediction_model_exports_adapter_and_merged_bundle(synth_dir, tmp_path) -> None:
+    """LoRA, the KL term and the released update on a model whose output is a velocity (models.flow reads it)."""
+    bundle_dir = _tiny_bundle(tmp_path / "v_bundle", prediction="v")
     run_dir = tmp_path / "lora"
     over = rl_overrides(bundle_dir, synth_dir, "trainer.steps=1", "lora.enabled=true", "lora.rank=4", "lora.alpha=4",
                         "stage.kl_weight=1e-2", "stage.official_overwrite=true")
