@@ -105,12 +105,17 @@ def self_rollout(
 
 
 def teacher_layouts(sr: SelfRollout, mode: str) -> list[Layout]:
-    """One layout per sample ([1, M_b + W]) of what the teacher and fake score see for the rollout's window."""
-    B, W, dev = sr.window.shape[0], sr.length, sr.window.device
+    """One layout per sample ([1, M_b + W], on the host) of what the teacher and fake score see for the window.
+
+    Built on the host from one copy of the chunks' context indices, so the data-dependent union costs one
+    device sync per rollout; ``Rollout.context`` moves the layout to the device.
+    """
+    B, W = sr.window.shape[0], sr.length
     if mode == "aligned":
-        return [aligned_layout([r.context_idx[b] for r in sr.records], sr.history, W) for b in range(B)]
+        contexts = [r.context_idx.cpu() for r in sr.records]
+        return [aligned_layout([c[b] for c in contexts], sr.history, W) for b in range(B)]
     if mode in ("window", "none"):
-        return [window_layout(1, sr.history, W, dev)] * B
+        return [window_layout(1, sr.history, W)] * B
     raise ValueError(f"teacher_context must be aligned | window | none, got {mode!r}")
 
 

@@ -400,7 +400,7 @@ class Rollout:
         c2w_past = invert_rigid(state.w2c.float())
         c2w_new = invert_rigid(w2c.float())
         if layout is not None:
-            layout = self._given_layout(layout.to(dev), N, B, L)
+            layout = self._given_layout(layout, N, B, L).to(dev)
         elif cfg.mode == "ar":
             layout = chunk_layout(c2w_past, c2w_new, cfg.memory)
         else:
@@ -708,7 +708,8 @@ class Rollout:
 
     @staticmethod
     def _given_layout(layout: Layout, N: int, B: int, L: int) -> Layout:
-        """A caller's layout checked against the history (N latents) and the new unit (B x L latents)."""
+        """A caller's layout checked against the history (N latents) and the new unit (B x L latents), on its own
+        device (a layout built on the host is checked without a device sync)."""
         if layout.batch != B or layout.num_new != L:
             raise ValueError(f"context: the given layout is [{layout.batch}, {layout.num_context} + {layout.num_new}], "
                              f"expected batch {B} and {L} new latents")
