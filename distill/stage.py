@@ -382,8 +382,10 @@ class Distill(_Student):
             self._phase = phase
             micro = []
             for i in range(n):
+                with self.timer(f"{tag}_data"):
+                    batch = next(data_iter)
                 with self.timer.outer(tag):  # time/<tag>_backward: the micro-batch minus the phases timed inside it
-                    micro.append(trainer.forward_backward(next(data_iter), step, [role], last=i == n - 1, scale=1.0 / n))
+                    micro.append(trainer.forward_backward(batch, step, [role], last=i == n - 1, scale=1.0 / n))
             with self.timer(f"{tag}_optim"):
                 trainer.optimizer_step([role], step)
             outs.append(StepOutput.mean(micro))
@@ -492,7 +494,8 @@ class Distill(_Student):
         return StepOutput(losses={"fake_score": loss}, metrics=metrics, tokens=self._tokens(B, W, h, w))
 
     def compute_losses(self, batch: dict[str, Any], step: int) -> StepOutput:
-        x0 = encode_video(self.autoencoder, batch, self.device)
+        with self.timer(f"{'critic' if self._phase == 'critic' else 'gen'}_encode"):
+            x0 = encode_video(self.autoencoder, batch, self.device)
         if self._phase == "generator":
             return self.generator_losses(batch, x0, step)
         if self._phase == "critic":
