@@ -37,12 +37,16 @@ def _fmt(x: Optional[float]) -> str:
 
 
 def run_demo_rl(run_dir: str | Path, bundle: str | Path, data: Optional[str | Path] = None,
-                overrides: Sequence[str] = (), experiment: str = "demo_rl") -> dict[str, Any]:
+                overrides: Sequence[str] = (), experiment: str = "demo_rl", device: Optional[str] = None) -> dict[str, Any]:
     """Train ``experiment`` from ``bundle`` in ``run_dir`` (resuming) and measure its rewards before and after.
+
+    The GPU pipeline calls it with ``experiment="gpu_small_rl"``; ``device`` is where the rewards are
+    measured (default: cuda when available).
 
     Returns {"run_dir", "bundle", "steps", "seconds", "train_seconds", "eval_seconds", "loss_start", "loss_end",
     "rewards": {score: {"before", "after", "weight"}}, "time_split": {phase: mean seconds per step}, "lines"}.
     """
+    import torch
     from omegaconf import OmegaConf
 
     from rl.evaluate import evaluate_bundle
@@ -55,13 +59,14 @@ def run_demo_rl(run_dir: str | Path, bundle: str | Path, data: Optional[str | Pa
     cfg = _compose(experiment, [*extra, *overrides])
     obj = OmegaConf.to_object(cfg)
     data_dir = obj.stage.paths.data or obj.data.path
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
-    before = evaluate_bundle(bundle, obj.stage, data_dir)
+    before = evaluate_bundle(bundle, obj.stage, data_dir, device)
     t1 = time.time()
     result = run(cfg, run_dir)
     t2 = time.time()
     out_bundle = run_dir / "export" / "bundle"
-    after = evaluate_bundle(out_bundle, obj.stage, data_dir)
+    after = evaluate_bundle(out_bundle, obj.stage, data_dir, device)
     t3 = time.time()
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     losses = [r["loss"] for r in rows if "loss" in r]

@@ -537,3 +537,17 @@ def test_rl_stage_moves_the_world_model_toward_its_reward_and_away_with_the_sign
         _run(rl_overrides(bundle_dir, synth_dir, *common, f"+stage.weights.red={sign}"), run_dir)
         after[sign] = evaluate_bundle(run_dir / "export" / "bundle", scfg, str(synth_dir))["red"]
     assert after[1.0] > before + 0.03 and after[-1.0] < before - 0.03, (before, after)
+
+
+def test_demo_step_reports_every_reward_before_and_after(bundle_dir, synth_dir, tmp_path) -> None:
+    """rl.demo.run_demo_rl (what make demo calls): experiment=demo_rl on a bundle, rewards of both bundles on fixed paths."""
+    from rl.demo import run_demo_rl
+
+    over = ["trainer.steps=2", "stage.num_candidates=3", "stage.rollout_steps=2", "stage.eval_groups=1", "stage.eval_chunks=2",
+            "stage.window_latents=8", "stage.paths.num_clips=3", "stage.rewards.workers=1", "logger.log_every=1"]
+    report = run_demo_rl(tmp_path / "rl", bundle_dir, synth_dir, over, device="cpu")
+    assert report["steps"] == 2 and set(report["rewards"]) == {"geometry", "revisit", "drift"}
+    assert report["rewards"]["geometry"]["weight"] == 1.0 and report["rewards"]["drift"]["weight"] == 0.0
+    assert all(math.isfinite(report["rewards"]["geometry"][k]) for k in ("before", "after"))
+    assert set(report["time_split"]) == {"plan", "prefix", "candidates", "decode", "reward", "update"}
+    assert any("geometry" in ln for ln in report["lines"]) and (tmp_path / "rl" / "rl_report.json").is_file()
