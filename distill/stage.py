@@ -343,6 +343,9 @@ class Distill(_Student):
         teacher.model.requires_grad_(False)
         self.teacher_lineage = bundle_lineage(self.scfg.teacher, teacher.meta)
         self.real_guidance = guidance
+        if self.cfg.optim.name != "adamw" or float(self.cfg.optim.betas[0]) != 0.0:
+            warnings.warn(f"stage=distill: Self-Forcing's DMD uses AdamW with beta1 = 0 for both networks (optim.betas=[0,0.999]); "
+                          f"this run has optim.name={self.cfg.optim.name}, betas={list(self.cfg.optim.betas)}", stacklevel=2)
         optim = replace(self.cfg.optim, lr=self.cfg.optim.lr * self.scfg.fake_lr_scale, betas=list(self.cfg.optim.betas))
         roles["teacher"] = Role(teacher.model, trainable=False, frozen_dtype=None if dtype == "float32" else dtype)
         roles["fake_score"] = Role(fake, optim=optim)
