@@ -92,11 +92,12 @@ def layout_inputs(clip: ModelInputs, layouts: list[Layout], new_sigma: Tensor, c
         raise ValueError(f"layout_inputs: need one layout per clip ({clip.x0.shape[0]}) of one length, got "
                          f"{[lay.length for lay in layouts]}")
     dev = clip.x0.device
-    idx = torch.cat([lay.indices for lay in layouts]).to(dev)
-    new = torch.cat([lay.new_mask for lay in layouts]).to(dev)
-    image = torch.cat([lay.image_mask for lay in layouts]).to(dev)
+    layouts = [lay.to(dev) for lay in layouts]
+    idx = torch.cat([lay.indices for lay in layouts])
+    new = torch.cat([lay.new_mask for lay in layouts])
+    image = torch.cat([lay.image_mask for lay in layouts])
     inp = clip.take(idx)
-    inp.t_pos = torch.cat([lay.positions for lay in layouts]).to(dev)
+    inp.t_pos = torch.cat([lay.positions for lay in layouts])
     inp.cond_mask = image
     inp.loss_mask = (new & ~image).float()
     ctx = torch.as_tensor(context_sigma, dtype=torch.float32, device=dev).expand_as(new_sigma)

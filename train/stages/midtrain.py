@@ -90,7 +90,7 @@ class Midtrain(FlowStage):
         if T < self.seq_len:
             raise ValueError(f"data.num_latents={T} is shorter than a mid-train sample of {self.seq_len} latents (sampling.memory.max_context + chunk)")
         length = curriculum_length(self.scfg.curriculum, step, T)
-        c2w = batch["c2w"].to(torch.float64)  # host-side poses: layouts are chosen without device syncs
+        c2w = batch["c2w"].cpu().to(torch.float64)  # host-side poses: layouts are chosen on the CPU
         # Targets start at or after M so the context is always full (WorldPlay: cur >= 24).
         starts = list(range(-(-M // C) * C, length - C + 1, C))
         rng = self.layout_rng
@@ -159,7 +159,7 @@ class Midtrain(FlowStage):
             raise ValueError(f"clip of {length} latents is shorter than the teacher window of {W} latents")
         use_memory = float(torch.rand((), generator=self.layout_rng)) < self.scfg.memory_prob
         start = starts[int(torch.randint(len(starts), (), generator=self.layout_rng))] if use_memory else 0
-        c2w = batch["c2w"][0].to(torch.float64)
+        c2w = batch["c2w"][0].cpu().to(torch.float64)
         lay = teacher_layout(c2w[:start], c2w[start : start + W], self.mem)
         sigma = window_sigmas(1, lay.length, self.scfg, self.generator, x0.device)
         return layout_inputs(clip_inputs(batch, x0, None), [lay], sigma, self._context_sigma(1, lay.length, x0.device))
