@@ -185,13 +185,14 @@ def _save_state(out: Path, state: dict[str, Any]) -> None:
 
 
 def make_data(spec: DataSpec, out: Path, state: dict[str, Any], log=print) -> None:
-    """Render the training and held-out sets (skipped when their index.json exists)."""
+    """Render the training and held-out sets (skipped once recorded as complete in ``state``; a set cut off
+    by the time budget keeps the clips it wrote, so it is rendered again from scratch)."""
     from data.synthetic.__main__ import main as synthetic
 
     sets = (("train", out / "data", spec.clips, spec.frames, spec.trajectory, spec.seed),
             ("heldout", out / "heldout", spec.heldout_clips, spec.heldout_frames, spec.heldout_trajectory, spec.heldout_seed))
     for name, path, clips, frames, kind, seed in sets:
-        if (path / "index.json").exists():
+        if name in state["data"] and (path / "index.json").exists():
             continue
         t0 = time.perf_counter()
         argv = ["--out", str(path), "--clips", str(clips), "--frames", str(frames), "--size", str(spec.size),
