@@ -116,15 +116,23 @@ def init_distributed(cfg: DistConfig) -> DistEnv:
         if world > 1:
             raise ValueError(f"dist.backend=none but the launcher started {world} processes (WORLD_SIZE); choose ddp, fsdp or deepspeed_zero2/3")
         return DistEnv(device=device)
+    store = None
     if launch is None:
-        launch = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    os.environ.setdefault("MASTER_ADDR", launch["MASTER_ADDR"])
-    os.environ.setdefault("MASTER_PORT", launch["MASTER_PORT"])
+        # One process without a launcher: a file store needs no TCP port (a free port picked and then bound
+        # can be taken by another process in between).
+        import tempfile
+
+        launch = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+        store = dist.FileStore(tempfile.mkstemp(prefix="worldsmith-pg-")[1], 1)
+    else:
+        os.environ.setdefault("MASTER_ADDR", launch["MASTER_ADDR"])
+        os.environ.setdefault("MASTER_PORT", launch["MASTER_PORT"])
     rank = int(launch["RANK"])
     pg_backend = cfg.pg_backend if cfg.pg_backend != "auto" else ("nccl" if cuda else "gloo")
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group(pg_backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+        dist.init_process_group(pg_backend, rank=rank, world_size=world, store=store,
+                                timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
     control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, distributed=True, owns_group=owns, control_group=control)
 
