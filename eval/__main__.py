@@ -65,11 +65,13 @@ def evaluate_bundles(
     names: Optional[Sequence[str]] = None,
     log=print,
     variants: Sequence[tuple[str, Sequence[str]]] = (),
+    variant_bundles: Optional[Sequence[str | Path]] = None,
 ) -> ReportFiles:
     """Evaluate each bundle on the first ``cfg.num`` clips of ``data`` and write the report under ``out``.
 
     ``variants``: (suffix, sampling dotlist) pairs; each adds a row ``<name>+<suffix>`` per bundle,
-    sampled with those overrides (e.g. ``("nomem", ["memory.spatial_chunks=0", "memory.anchor=false"])``).
+    sampled with those overrides (e.g. ``("nomem", ["memory.spatial_chunks=0", "memory.anchor=false"])``);
+    ``variant_bundles`` limits them to some of the bundles (default: all).
     """
     cfg = cfg or ProtocolConfig()
     cfg.validate()
@@ -84,7 +86,9 @@ def evaluate_bundles(
     log(f"[eval] {len(raw)} clips from {data}; protocols {chosen}; {lpips.status()}")
     reports = []
     runs = [(path, name, ()) for path, name in zip(bundles, names)]
-    runs += [(path, f"{name}+{suffix}", tuple(dots)) for path, name in zip(bundles, names) for suffix, dots in variants]
+    varied = None if variant_bundles is None else {Path(b).resolve() for b in variant_bundles}
+    runs += [(path, f"{name}+{suffix}", tuple(dots)) for path, name in zip(bundles, names) for suffix, dots in variants
+             if varied is None or Path(path).resolve() in varied]
     for path, name, dots in runs:
         t0 = time.perf_counter()
         model = VideoModel.from_bundle(path, device=cfg.device, dtype=cfg.dtype, steps=cfg.steps, name=name, sampling=dots)

@@ -2,7 +2,8 @@
 
 Input: noisy latents [B, C, T, H, W] with one noise level per latent frame, plus optional discrete
 actions, cameras (w2c + normalised K) for the PRoPE branch, explicit temporal RoPE positions, text
-tokens and the first-frame latent (I2V channel concat). Output: predicted velocity (eps - x0).
+tokens and the first-frame latent (I2V channel concat). Output: the raw prediction, read through
+``cfg.prediction`` (models/flow.py): the clean sample x̂0 ("x0") or the velocity eps - x0 ("v").
 
 Attention modes: bidirectional (``chunk_size=None``), block-causal over chunks of ``chunk_size``
 latents, and cached (``cache=...``: the chunk attends to cached text + context keys/values).
@@ -277,7 +278,7 @@ class WorldDiT(nn.Module):
         fill: str | None = None,
         causal: bool = True,
     ) -> Tensor | None:
-        """Predicted velocity (eps - x0) [B, C, T, H, W] for noisy latents x [B, C, T, H, W].
+        """Raw prediction [B, C, T, H, W] (x̂0 or eps - x0 per cfg.prediction) for noisy latents x [B, C, T, H, W].
 
         sigma [B, T] per-latent noise level in [0, 1]; actions [B, T] int64 in [0, num_actions);
         w2c [B, T, 4, 4]; K [B, T, 3, 3] normalised intrinsics; t_pos [B, T] int temporal positions

@@ -35,7 +35,7 @@ stages:
       - stage.curriculum=[[0,24]]
 {stage_over}
 eval: {{num: 2, protocols: 'short,control', short_latents: 8, control_latents: 8, minutes: 0.1,
-        variants: ['nomem']}}
+        variants: ['nomem'], variant_stages: [midtrain]}}
 """
     path = tmp_path / "tiny.yaml"
     path.write_text(text)
@@ -58,6 +58,7 @@ def test_pipeline_stops_on_its_budget_resumes_and_reports(tmp_path):
     report = (out / "report.md").read_text()
     for row in ("| pretrain |", "| midtrain |", "| midtrain+nomem |", "control dB"):
         assert row in report, row
+    assert "| pretrain+nomem |" not in report  # variants only for the stages named
     exported = sorted(p.name for p in (tmp_path / "export").iterdir())
     assert exported == ["eval_report.json", "pipeline.json", "report.md", "report.tar.gz"]
     # A third run does nothing again: every phase is recorded as done.

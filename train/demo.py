@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not walk.exists():
         print(f"[demo] inference: a walk from the {last} bundle", flush=True)
         render_video(Path(state["stages"][last]["bundle"]), out / "data", out)
-    report = {"pipeline": state, "report": str(out / "report.md"), "video": str(out / "walk.mp4"),
+    names = [s.name for s in cfg.stages]
+    rewards = rl_rewards(cfg, state) if "rl" in names else {}
+    report = {"pipeline": state, "report": str(out / "report.md"), "video": str(out / "walk.mp4"), "rl_rewards": rewards,
               "seconds": round(time.time() - t_all, 1)}
     (out / "demo_report.json").write_text(json.dumps(report, indent=1))
     md = (out / "report.md").read_text()
@@ -87,13 +89,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r = state["stages"][s.name]
         print(f"  {s.name:<10} loss {r['loss_start']:.4f} -> {r['loss_end']:.4f} in {r['step']} steps ({r['seconds']}s); "
               f"bundle {r['bundle']}")
+    for name, (before, after) in rewards.items():
+        print(f"  rl reward  {name:<10} {before:.3f} -> {after:.3f} (mid-train bundle -> RL bundle, fixed paths)")
     print(f"  video      {out / 'walk.mp4'} (sidecar {out / 'walk.json'})")
     print(f"  report     {out / 'report.md'} (evaluation: {out / 'eval' / 'report.md'})")
     for s in cfg.stages:
         r = state["stages"][s.name]
-        if not r["loss_end"] < r["loss_start"]:
+        if s.check_loss and not r["loss_end"] < r["loss_start"]:
             raise SystemExit(f"[demo] {s.name} loss did not fall ({r['loss_start']:.4f} -> {r['loss_end']:.4f})")
     return report
+
+
+def rl_rewards(cfg, state: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Each RL reward of the RL stage's parent and of its result, on the RL run's fixed evaluation paths."""
+    from omegaconf import OmegaConf
+
+    from rl.evaluate import evaluate_bundle
+    from train.pipeline import compose_experiment
+
+    stage = next(s for s in cfg.stages if s.name == "rl")
+    parent = state["stages"][stage.init]["bundle"]
+    data = str(Path(cfg.out) / "data")
+    rl_cfg = OmegaConf.to_object(compose_experiment(stage.experiment, [f"data.path={data}", f"init={parent}", *stage.overrides]))
+    before = evaluate_bundle(parent, rl_cfg.stage, rl_cfg.stage.paths.data or data, "cpu")
+    after = evaluate_bundle(state["stages"]["rl"]["bundle"], rl_cfg.stage, rl_cfg.stage.paths.data or data, "cpu")
+    return {k: (float(before[k]), float(after[k])) for k in sorted(set(before) & set(after))}
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -78,7 +79,10 @@ class StageSpec:
     minutes: float = 0.0  # > 0: train this long (steps measured by a probe); 0: the experiment's trainer.steps
     probe_steps: int = 40
     min_steps: int = 50
+    # Hydra overrides; "{bundle:NAME}" is replaced by the bundle of the earlier stage NAME, "{out}" by the
+    # pipeline's output directory (e.g. a distillation stage's stage.teacher={bundle:teacher}).
     overrides: list[str] = field(default_factory=list)
+    check_loss: bool = True  # the stage's logged loss must fall (off for adversarial / RL stages)
 
 
 @dataclass
@@ -96,6 +100,7 @@ class EvalSpec:
     long_latents: Optional[int] = None  # None: 4 x each bundle's training window
     control_latents: int = 16
     variants: list[str] = field(default_factory=list)  # NAME:KEY=VALUE[,KEY=VALUE] (eval --variant)
+    variant_stages: list[str] = field(default_factory=list)  # stages the variants apply to (empty: all evaluated)
     minutes: float = 2.0  # expected duration: not started with less time left under stop_after
 
 
@@ -134,9 +139,13 @@ def load_pipeline(name_or_path: str, overrides: list[str] = ()) -> PipelineConfi
     for i, s in enumerate(cfg.stages):
         if s.init is not None and s.init not in names[:i]:
             raise SystemExit(f"train.pipeline: {path}: stage {s.name!r} starts from {s.init!r}, which is not an earlier stage")
-    for st in cfg.eval.stages:
+    for st in [*cfg.eval.stages, *cfg.eval.variant_stages]:
         if st not in names:
-            raise SystemExit(f"train.pipeline: {path}: eval.stages names {st!r}, not a stage of {names}")
+            raise SystemExit(f"train.pipeline: {path}: eval names {st!r}, not a stage of {names}")
+    for i, s in enumerate(cfg.stages):
+        for ref in re.findall(r"\{bundle:([^}]*)\}", " ".join(s.overrides)):
+            if ref not in names[:i]:
+                raise SystemExit(f"train.pipeline: {path}: stage {s.name!r} refers to {{bundle:{ref}}}, not an earlier stage")
     return cfg
 
 
@@ -212,7 +221,7 @@ def make_data(spec: DataSpec, out: Path, state: dict[str, Any], log=print) -> No
             f"({clips * frames / seconds:.0f} frames/s on {spec.device})")
 
 
-def _compose(experiment: str, overrides: list[str]):
+def compose_experiment(experiment: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     from configs.schema import register_configs
@@ -248,14 +257,19 @@ def run_stage(spec: StageSpec, out: Path, state: dict[str, Any], clock: _Clock, 
     if rec.get("done"):
         return
     run_dir = out / spec.name
-    common = [f"data.path={out / 'data'}", "logger.progress_bar=false", "logger.wandb=false", *spec.overrides]
+
+    def resolve(o: str) -> str:
+        o = o.replace("{out}", str(out))
+        return re.sub(r"\{bundle:([^}]*)\}", lambda m: state["stages"][m.group(1)]["bundle"], o)
+
+    common = [f"data.path={out / 'data'}", "logger.progress_bar=false", "logger.wandb=false", *map(resolve, spec.overrides)]
     if spec.init is not None:
         common.append(f"init={state['stages'][spec.init]['bundle']}")
     if spec.minutes > 0 and "steps" not in rec:
         clock.need(60, f"the {spec.name} probe")
         probe = out / f"{spec.name}_probe"
         shutil.rmtree(probe, ignore_errors=True)
-        pcfg = _compose(spec.experiment, [*common, f"trainer.steps={spec.probe_steps}", "checkpoint.every=0",
+        pcfg = compose_experiment(spec.experiment, [*common, f"trainer.steps={spec.probe_steps}", "checkpoint.every=0",
                                           "trainer.export=false", "trainer.sample_every=0",
                                           f"logger.log_every={max(1, spec.probe_steps // 4)}"])
         _train(pcfg, probe, clock)
@@ -267,7 +281,7 @@ def run_stage(spec: StageSpec, out: Path, state: dict[str, Any], clock: _Clock, 
         _save_state(out, state)
         log(f"[pipeline] {spec.name}: {rate:.2f} steps/s -> {rec['steps']} steps for {spec.minutes} min")
     steps = [f"trainer.steps={rec['steps']}"] if "steps" in rec else []
-    cfg = _compose(spec.experiment, [*common, *steps, "checkpoint.resume=latest"])
+    cfg = compose_experiment(spec.experiment, [*common, *steps, "checkpoint.resume=latest"])
     t0 = time.perf_counter()
     rec["started"] = True
     _save_state(out, state)
@@ -282,6 +296,8 @@ def run_stage(spec: StageSpec, out: Path, state: dict[str, Any], clock: _Clock, 
     _save_state(out, state)
     log(f"[pipeline] {spec.name}: {result.step} steps in {rec['seconds']:.0f} s, loss "
         f"{rec['loss_start']:.4f} -> {rec['loss_end']:.4f}")
+    if spec.check_loss and losses and not losses[-1] < losses[0]:
+        log(f"[pipeline] warning: {spec.name}'s loss did not fall ({losses[0]:.4f} -> {losses[-1]:.4f})")
 
 
 def run_eval(cfg: PipelineConfig, out: Path, state: dict[str, Any], clock: _Clock, log=print) -> None:
@@ -295,11 +311,13 @@ def run_eval(cfg: PipelineConfig, out: Path, state: dict[str, Any], clock: _Cloc
     e = cfg.eval
     clock.need(e.minutes * 60, "evaluation")
     names = e.stages or [s.name for s in cfg.stages]
+    with_variants = e.variant_stages or names
     pcfg = ProtocolConfig(num=e.num, seed=e.seed, device=e.device, dtype=e.dtype, steps=e.steps, short_latents=e.short_latents,
                           long_latents=e.long_latents, control_latents=e.control_latents, lpips=LPIPSConfig())
     t0 = time.perf_counter()
     files = evaluate_bundles([state["stages"][n]["bundle"] for n in names], out / "heldout", out / "eval", e.protocols,
-                             pcfg, names, log=log, variants=[parse_variant(v) for v in e.variants])
+                             pcfg, names, log=log, variants=[parse_variant(v) for v in e.variants],
+                             variant_bundles=[state["stages"][n]["bundle"] for n in with_variants])
     state["eval"] = {"done": True, "report": str(files.markdown), "json": str(files.json),
                      "seconds": round(time.perf_counter() - t0, 1)}
     _save_state(out, state)
