@@ -55,7 +55,8 @@ def test_midtrain_sample_holds_the_samplers_context(long_clips):
     from train.stages.midtrain import Midtrain
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_object(cfg_for("demo_midtrain", f"data.path={long_clips}", *SMALL, "stage.memory_prob=1.0", "stage.curriculum=[[0,24]]"))
+    cfg = OmegaConf.to_object(cfg_for("demo_midtrain", f"data.path={long_clips}", *SMALL, "stage.memory_prob=1.0", "stage.self_history_prob=0",
+                                      "stage.curriculum=[[0,24]]"))
     stage = Midtrain(cfg)
     stage.build(StageContext(device=torch.device("cpu"), rank=0, world_size=1, seed=0, out_dir=Path("."), compute_dtype=torch.float32))
     stage.device = torch.device("cpu")
