@@ -35,16 +35,10 @@ def _losses(run_dir: Path) -> tuple[float | None, float | None]:
 
 def run_experiment(experiment: str, run_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
     """Compose ``experiment=<experiment>`` with overrides, train it in ``run_dir`` (resuming), summarise it."""
-    from hydra import compose, initialize_config_dir
-
-    from configs import CONFIG_DIR
-    from configs.schema import register_configs
+    from train.pipeline import compose_experiment
     from train.run import run
 
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = compose("config", overrides=[f"experiment={experiment}", "checkpoint.resume=latest", "logger.progress_bar=false",
-                                           "logger.wandb=false", *overrides])
+    cfg = compose_experiment(experiment, ["checkpoint.resume=latest", "logger.progress_bar=false", "logger.wandb=false", *overrides])
     t0 = time.time()
     result = run(cfg, run_dir)
     first, last = _losses(run_dir)

@@ -21,17 +21,6 @@ from typing import Any, Optional, Sequence
 __all__ = ["run_demo_rl", "main"]
 
 
-def _compose(experiment: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from configs import CONFIG_DIR
-    from configs.schema import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose("config", overrides=[f"experiment={experiment}", *overrides])
-
-
 def _fmt(x: Optional[float]) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
 
@@ -56,7 +45,9 @@ def run_demo_rl(run_dir: str | Path, bundle: str | Path, data: Optional[str | Pa
     extra = [f"init={Path(bundle).resolve()}", "checkpoint.resume=latest", "logger.progress_bar=false"]
     if data is not None:
         extra.append(f"data.path={data}")
-    cfg = _compose(experiment, [*extra, *overrides])
+    from train.pipeline import compose_experiment
+
+    cfg = compose_experiment(experiment, [*extra, *overrides])
     obj = OmegaConf.to_object(cfg)
     data_dir = obj.stage.paths.data or obj.data.path
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
