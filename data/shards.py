@@ -376,15 +376,19 @@ class ShardWriter:
             self._finish_shard()
         return key
 
-    def _abort_shard(self) -> None:
-        """Drop the open shard (its tmp file and samples) after a failed write: never publish it."""
-        name = self._shard_name(len(self._shards))
+    def _close_handles(self) -> None:
+        """Close the open tar writer and its file, ignoring errors (the data is being dropped)."""
         for closer in (self._tar, self._file):
             try:
                 if closer is not None:
                     closer.close()
             except OSError:
                 pass
+
+    def _abort_shard(self) -> None:
+        """Drop the open shard (its tmp file and samples) after a failed write: never publish it."""
+        name = self._shard_name(len(self._shards))
+        self._close_handles()
         self._tmp_path(name).unlink(missing_ok=True)
         self._tar, self._file, self._samples = None, None, []
 
@@ -453,12 +457,7 @@ class ShardWriter:
             return
         if not self.staged:
             raise RuntimeError(f"ShardWriter({self.final_dir}): abort() needs staged=True; an unstaged writer keeps what it wrote")
-        for closer in (self._tar, self._file):
-            try:
-                if closer is not None:
-                    closer.close()
-            except OSError:
-                pass
+        self._close_handles()
         shutil.rmtree(self.out_dir, ignore_errors=True)
         self._tar, self._file, self._samples, self._closed = None, None, [], True
 

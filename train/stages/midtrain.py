@@ -90,7 +90,7 @@ class Midtrain(FlowStage):
         if T < self.seq_len:
             raise ValueError(f"data.num_latents={T} is shorter than a mid-train sample of {self.seq_len} latents (sampling.memory.max_context + chunk)")
         length = curriculum_length(self.scfg.curriculum, step, T)
-        c2w = batch["c2w"].cpu().to(torch.float64)  # host-side poses: layouts are chosen on the CPU
+        c2w = batch["c2w"]  # on the batch's device: memory selection there needs no host sync
         # Targets start at or after M so the context is always full (WorldPlay: cur >= 24).
         starts = list(range(-(-M // C) * C, length - C + 1, C))
         rng = self.layout_rng
@@ -105,7 +105,7 @@ class Midtrain(FlowStage):
                 layouts.append(chunk_layout(c2w[b : b + 1, :cur], c2w[b : b + 1, cur : cur + C], self.mem))
                 memory_rows.append(b)
             else:
-                layouts.append(window_layout(1, 0, self.seq_len))
+                layouts.append(window_layout(1, 0, self.seq_len, x0.device))
         if self_history and memory_rows:
             x0 = self._self_history(batch, x0, memory_rows, shared)
         clip = clip_inputs(batch, x0, C)
