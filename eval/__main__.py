@@ -137,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default=d.dtype, choices=["fp32", "bf16"], help="DiT weights dtype")
     p.add_argument("--steps", type=int, default=None, help="override the bundles' denoising steps")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"clips per batched rollout (default {d.batch}; "
+                   "each clip keeps its own seed)")
     p.add_argument("--short-latents", type=int, default=d.short_latents)
     p.add_argument("--long-latents", type=int, default=None, help="default: 4 x each bundle's training window")
     p.add_argument("--action-latents", type=int, default=d.action_latents)
@@ -152,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> ReportFiles:
     """Parse arguments, evaluate, write the report and print where it is."""
     args = _parser().parse_args(argv)
     cfg = ProtocolConfig(
-        num=args.num, seed=args.seed, device=args.device, dtype=args.dtype, steps=args.steps,
+        num=args.num, seed=args.seed, device=args.device, dtype=args.dtype, steps=args.steps, batch=args.batch,
         short_latents=args.short_latents, long_latents=args.long_latents, action_latents=args.action_latents,
         control_latents=args.control_latents, lpips=LPIPSConfig(trunk_path=args.lpips_trunk),
     )

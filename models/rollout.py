@@ -134,19 +134,26 @@ class NoiseFn(Protocol):
     """Per-step noise hook: ``step`` 0 is a chunk's initial noise, ``step`` k > 0 the re-noise to σ_k."""
 
     def __call__(
-        self, shape: tuple[int, ...], *, generator: torch.Generator | None, device: torch.device,
-        dtype: torch.dtype, chunk: int, step: int,
+        self, shape: tuple[int, ...], *, generator: torch.Generator | Sequence[torch.Generator] | None,
+        device: torch.device, dtype: torch.dtype, chunk: int, step: int,
     ) -> Tensor: ...
 
 
 def gaussian_noise(
-    shape: tuple[int, ...], *, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype,
-    chunk: int, step: int,
+    shape: tuple[int, ...], *, generator: torch.Generator | Sequence[torch.Generator] | None, device: torch.device,
+    dtype: torch.dtype, chunk: int, step: int,
 ) -> Tensor:
     """Standard normal noise drawn from ``generator`` (on the generator's device, moved if needed).
 
-    Pass a generator on the latents' device to keep GPU rollouts free of host copies.
+    Pass a generator on the latents' device to keep GPU rollouts free of host copies. A sequence of
+    generators, one per batch row, draws each row from its own: a row's noise then does not depend on
+    which other rows share its batch (batched evaluation equals clip-by-clip generation).
     """
+    if isinstance(generator, Sequence):
+        if len(generator) != shape[0]:
+            raise ValueError(f"gaussian_noise: {len(generator)} generators for a batch of {shape[0]} rows")
+        rows = [torch.randn(shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generator]
+        return torch.stack(rows).to(device=device, dtype=dtype)
     gen_device = generator.device if generator is not None else device
     out = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
     return out.to(device=device, dtype=dtype)
@@ -522,7 +529,7 @@ class Rollout:
         actions: Tensor,
         w2c: Tensor,
         K: Tensor,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         *,
         keep_grad: bool = False,
         grad_step: int | None = None,
@@ -610,7 +617,7 @@ class Rollout:
         K: Tensor,
         text: Tensor | None = None,
         text_mask: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         *,
         neg_text: Tensor | None = None,
         neg_text_mask: Tensor | None = None,

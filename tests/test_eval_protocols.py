@@ -35,6 +35,7 @@ from eval.protocols import (
     settings_from_sampling,
 )
 from eval.protocols.clips import fit_frames, prepare_clip
+from eval.protocols.runner import Request
 from eval.protocols.scoring import action_scores
 from eval.protocols.walks import out_and_back, plan_path, random_walk
 from models.autoencoders import AutoencoderConfig, PatchAutoencoder
@@ -105,7 +106,14 @@ def bundles(tmp_path_factory) -> list[Path]:
     return [save_tiny_bundle(root / "run_a" / "bundle", 1), save_tiny_bundle(root / "run_b" / "bundle", 2)]
 
 
-class TruthModel(VideoModel):
+class PerClip:
+    """For test generators that override ``generate``: the protocols' batched calls go through it."""
+
+    def generate_many(self, requests, batch=8):
+        return [self.generate(r.image, r.c2w, r.K, r.caption, r.seed) for r in requests]
+
+
+class TruthModel(PerClip, VideoModel):
     """A perfect generator: the true render of every latent pose, each held for its group's frames.
 
     It finds the scene by re-rendering the first pose of the path it is given and matching the image.
@@ -247,7 +255,7 @@ def test_bootstrap_intervals_cover_the_mean_and_shrink_with_more_clips() -> None
 def test_short_protocol_compares_the_right_frames(bundles, data_dir) -> None:
     """A generator returning the clip itself scores the PSNR cap on every frame: no off-by-one anywhere."""
 
-    class ClipModel(VideoModel):
+    class ClipModel(PerClip, VideoModel):
         def __init__(self, base, clips):
             super().__init__(base.model, base.autoencoder, base.settings, name="clip")
             self.by_image = {c.video[0].tobytes(): c for c in clips}
@@ -418,6 +426,12 @@ def test_generate_returns_whole_groups_and_checks_its_path(bundles) -> None:
     frames = vm.generate(image, c2w, K, seed=3)
     assert frames.shape == (num_frames(8, STRIDE), S, S, 3) and frames.dtype == np.uint8
     assert np.array_equal(frames, vm.generate(image, c2w, K, seed=3))  # seeded: reproducible
+    # Batched: each row keeps its own seed, so a clip's video does not depend on its batch.
+    c2w_b = keys_to_poses(action_id_to_keys(torch.tensor([1, 1, 9, 0, 0, 0, 9, 1])), MotionSteps())
+    image_b = np.full((S, S, 3), 90, np.uint8)
+    many = vm.generate_many([Request(image, c2w, K, seed=3), Request(image_b, c2w_b, K, seed=5)], batch=2)
+    assert np.abs(many[0].astype(int) - frames.astype(int)).max() <= 1
+    assert np.abs(many[1].astype(int) - vm.generate(image_b, c2w_b, K, seed=5).astype(int)).max() <= 1
     with pytest.raises(ValueError, match="whole units of 4 latents"):
         vm.generate(image, c2w[:6], K)
     with pytest.raises(ValueError, match=r"image must be uint8 \[32, 32, 3\]"):

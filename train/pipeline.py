@@ -96,6 +96,7 @@ class EvalSpec:
     device: str = "cpu"
     dtype: str = "fp32"
     steps: Optional[int] = None  # override the bundles' Euler steps (None: each bundle's own)
+    batch: int = 8  # clips per batched rollout
     short_latents: int = 16
     long_latents: Optional[int] = None  # None: 4 x each bundle's training window
     control_latents: int = 16
@@ -312,7 +313,8 @@ def run_eval(cfg: PipelineConfig, out: Path, state: dict[str, Any], clock: _Cloc
     clock.need(e.minutes * 60, "evaluation")
     names = e.stages or [s.name for s in cfg.stages]
     with_variants = e.variant_stages or names
-    pcfg = ProtocolConfig(num=e.num, seed=e.seed, device=e.device, dtype=e.dtype, steps=e.steps, short_latents=e.short_latents,
+    pcfg = ProtocolConfig(num=e.num, seed=e.seed, device=e.device, dtype=e.dtype, steps=e.steps, batch=e.batch,
+                          short_latents=e.short_latents,
                           long_latents=e.long_latents, control_latents=e.control_latents, lpips=LPIPSConfig())
     t0 = time.perf_counter()
     files = evaluate_bundles([state["stages"][n]["bundle"] for n in names], out / "heldout", out / "eval", e.protocols,

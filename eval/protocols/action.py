@@ -20,7 +20,7 @@ from data.latents import latent_frame_index, num_frames
 from eval.lpips import LPIPS
 from eval.protocols.clips import EvalClip
 from eval.protocols.config import ProtocolConfig
-from eval.protocols.runner import VideoModel
+from eval.protocols.runner import Request, VideoModel
 from eval.protocols.scoring import Example, ProtocolResult, action_scores, mean_curve, summarize
 from eval.protocols.walks import plan_path
 
@@ -44,10 +44,12 @@ def run_action(model: VideoModel, clips: list[EvalClip], cfg: ProtocolConfig, lp
     idx = latent_frame_index(F, s).numpy()
     res.notes.append(f"{T} latents per sequence ({F} frames), {T - 1} scored steps each")
     hits_rows, gt_rows = [], []
-    for i, clip in enumerate(clips):
-        path = plan_path("random", clip, T, s, model.settings.steps, np.random.default_rng([cfg.seed, i, 2]), cfg.walk)
+    paths = [plan_path("random", clip, T, s, model.settings.steps, np.random.default_rng([cfg.seed, i, 2]), cfg.walk)
+             for i, clip in enumerate(clips)]
+    gens = model.generate_many([Request(p.image, p.c2w, clip.K[0], clip.caption, seed=cfg.seed + i)
+                                for i, (clip, p) in enumerate(zip(clips, paths))], cfg.batch)
+    for clip, path, gen in zip(clips, paths, gens):
         K0 = clip.K[0]
-        gen = model.generate(path.image, path.c2w, K0, clip.caption, seed=cfg.seed + i)
         lat = gen[idx]
         acc = action_scores(lat, K0, path.keys, model.settings.steps, cfg.actions, cfg.estimator)
         row = {"clip": clip.name, "latents": T, "path": path.source, "notes": path.notes, **{k: acc[k] for k in _ACC}}

@@ -62,6 +62,7 @@ class ProtocolConfig:
     device: str = "cpu"  # cpu | cuda | cuda:N
     dtype: str = "fp32"  # fp32 | bf16: the DiT's weights (autoencoder and metrics stay fp32)
     steps: Optional[int] = None  # override the bundle's denoising steps (euler schedule)
+    batch: int = 8  # clips per batched rollout (each clip keeps its own seed, so results do not depend on it)
     short_latents: int = 16  # short protocol length (WorldPlay: 61 frames = 16 latents at stride 4), capped by the clip
     long_latents: Optional[int] = None  # None: long_window_multiple x the training window (bundle meta data.num_latents)
     long_window_multiple: int = 4
@@ -85,6 +86,8 @@ class ProtocolConfig:
             raise ValueError(f"ProtocolConfig.num must be >= 1, got {self.num}")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"ProtocolConfig.dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
+        if self.batch < 1:
+            raise ValueError(f"ProtocolConfig.batch must be >= 1, got {self.batch}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"ProtocolConfig.steps must be >= 1, got {self.steps}")
         for name in ("short_latents", "action_latents", "control_latents", "control_attempts", "long_window_multiple"):

@@ -29,7 +29,7 @@ from data.latents import latent_frame_index, num_frames
 from eval.lpips import LPIPS
 from eval.protocols.clips import EvalClip
 from eval.protocols.config import ProtocolConfig
-from eval.protocols.runner import VideoModel
+from eval.protocols.runner import Request, VideoModel
 from eval.protocols.scoring import Example, ProtocolResult, frame_scores, mean_curve, summarize
 from eval.protocols.walks import EvalPath, plan_path
 
@@ -109,16 +109,20 @@ def run_control(model: VideoModel, clips: list[EvalClip], cfg: ProtocolConfig, l
     null = VideoModel(NullControls(model.model), model.autoencoder, model.settings, text_encoder=model.text_encoder,
                       device=model.device, name=f"{model.name} (controls cut)")
     curves: dict[str, list] = {}
+    todo = []
     for i, clip in enumerate(clips):
         if clip.scene is None:
             res.notes.append(f"{clip.name}: skipped: no synthetic scene to render the other path ({clip.scene_note})")
             continue
         a = plan_path("random", clip, T, s, model.settings.steps, np.random.default_rng([cfg.seed, i, 3]), cfg.walk)
-        b, separation = _branch(clip, a, T, model, cfg, i)
-        K0 = clip.K[0]
-        gen_a = model.generate(a.image, a.c2w, K0, clip.caption, seed=cfg.seed + i)[idx]
-        gen_b = model.generate(b.image, b.c2w, K0, clip.caption, seed=cfg.seed + i)[idx]
-        gen_n = null.generate(a.image, a.c2w, K0, clip.caption, seed=cfg.seed + i)[idx]
+        todo.append((i, clip, a, *_branch(clip, a, T, model, cfg, i)))
+    # A and B of a clip share its seed (the same noise), so only the commanded path differs.
+    reqs_a = [Request(a.image, a.c2w, clip.K[0], clip.caption, seed=cfg.seed + i) for i, clip, a, b, _ in todo]
+    reqs_b = [Request(b.image, b.c2w, clip.K[0], clip.caption, seed=cfg.seed + i) for i, clip, a, b, _ in todo]
+    gens = model.generate_many(reqs_a + reqs_b, cfg.batch)
+    nulls = null.generate_many(reqs_a, cfg.batch)
+    for k, (i, clip, a, b, separation) in enumerate(todo):
+        gen_a, gen_b, gen_n = gens[k][idx], gens[len(todo) + k][idx], nulls[k][idx]
         row: dict[str, Any] = {"clip": clip.name, "latents": T, "truth_separation": separation}
         row.update(control_score(gen_a[1:], gen_b[1:], a.truth[1:], b.truth[1:], cfg.psnr_cap))
         follow = frame_scores(gen_a[1:], a.truth[1:], None, cfg.psnr_cap)["psnr"]

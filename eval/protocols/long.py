@@ -25,7 +25,7 @@ from data.latents import latent_frame_index, num_frames
 from eval.lpips import LPIPS
 from eval.protocols.clips import EvalClip
 from eval.protocols.config import ProtocolConfig
-from eval.protocols.runner import VideoModel
+from eval.protocols.runner import Request, VideoModel
 from eval.protocols.scoring import Example, ProtocolResult, camera_scores, frame_scores, mean_curve, summarize
 from eval.protocols.walks import plan_path
 
@@ -60,10 +60,12 @@ def run_long(model: VideoModel, clips: list[EvalClip], cfg: ProtocolConfig, lpip
     F = num_frames(T, s)
     idx = latent_frame_index(F, s).numpy()
     curves: dict[str, list] = {}
-    for i, clip in enumerate(clips):
-        path = plan_path("revisit", clip, T, s, model.settings.steps, np.random.default_rng([cfg.seed, i, 1]), cfg.walk)
+    paths = [plan_path("revisit", clip, T, s, model.settings.steps, np.random.default_rng([cfg.seed, i, 1]), cfg.walk)
+             for i, clip in enumerate(clips)]
+    gens = model.generate_many([Request(p.image, p.c2w, clip.K[0], clip.caption, seed=cfg.seed + i)
+                                for i, (clip, p) in enumerate(zip(clips, paths))], cfg.batch)
+    for clip, path, gen in zip(clips, paths, gens):
         K0 = clip.K[0]
-        gen = model.generate(path.image, path.c2w, K0, clip.caption, seed=cfg.seed + i)
         lat = gen[idx]  # [T, H, W, 3]: the frame of each latent
         ret, out = path.pairs[:, 0].numpy(), path.pairs[:, 1].numpy()
         x = (ret * s).tolist()  # frame index of each return latent

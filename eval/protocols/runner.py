@@ -28,7 +28,7 @@ from data.latents import latent_action_ids, num_frames
 from models.rollout import Rollout, RolloutConfig
 from models.sampling import VIDEO_KEYS, split_sampling
 
-__all__ = ["EvalSettings", "VIDEO_KEYS", "settings_from_sampling", "VideoModel", "to_uint8_video"]
+__all__ = ["EvalSettings", "VIDEO_KEYS", "settings_from_sampling", "Request", "VideoModel", "to_uint8_video"]
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -89,6 +89,18 @@ def to_uint8_video(video: Tensor) -> np.ndarray:
     """Decoded video [B, 3, F, H, W] in about [-1, 1] -> uint8 frames [B, F, H, W, 3]."""
     x = ((video.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+@dataclass
+class Request:
+    """One video to generate: first frame uint8 [H, W, 3], latent-rate poses c2w [T, 4, 4], intrinsics
+    K [3, 3] or [T, 3, 3] (pixels), an optional caption and the seed of its noise."""
+
+    image: np.ndarray
+    c2w: Tensor
+    K: Tensor
+    caption: Optional[str] = None
+    seed: int = 0
 
 
 class VideoModel:
@@ -168,11 +180,39 @@ class VideoModel:
         image: uint8 [H, W, 3] (the model's resolution). c2w: [T, 4, 4] poses of the latents (any
         world frame: re-based here). K: pixel intrinsics [3, 3] or [T, 3, 3] at the model's resolution.
         """
+        return self.generate_many([Request(image, c2w, K, caption, seed)])[0]
+
+    def generate_many(self, requests: Sequence["Request"], batch: int = 8) -> list[np.ndarray]:
+        """:meth:`generate` for each request, up to ``batch`` rows per rollout; one frames array per request.
+
+        Consecutive requests with the same path length and caption share a rollout. Each row draws its
+        noise from its own seed, so a clip's video does not depend on the batch it was generated in (up to
+        floating-point reduction order). Window-mode models roll out one request at a time (the union of
+        retrieved chunks differs between trajectories).
+        """
+        if batch < 1:
+            raise ValueError(f"{self.name}: generate_many batch must be >= 1, got {batch}")
+        if self.settings.rollout.mode != "ar":
+            batch = 1
+        prepared = [self._prepare(r) for r in requests]
+        out: list[np.ndarray] = []
+        i = 0
+        while i < len(prepared):
+            j = i + 1
+            while j < len(prepared) and j - i < batch and prepared[j][4] == prepared[i][4] \
+                    and requests[j].caption == requests[i].caption:
+                j += 1
+            out.extend(self._generate_rows(prepared[i:j], requests[i].caption, [int(r.seed) for r in requests[i:j]]))
+            i = j
+        return out
+
+    def _prepare(self, req: "Request") -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """Check one request; (frame [3, H, W] in [-1, 1], actions [T], w2c [T, 4, 4], K normalised [T, 3, 3], T)."""
         H, W = self.settings.height, self.settings.width
-        image = np.asarray(image)
+        image = np.asarray(req.image)
         if image.dtype != np.uint8 or image.shape != (H, W, 3):
             raise ValueError(f"{self.name}: image must be uint8 [{H}, {W}, 3], got {image.dtype} {list(image.shape)}")
-        c2w = torch.as_tensor(c2w, dtype=torch.float64)
+        c2w = torch.as_tensor(req.c2w, dtype=torch.float64)
         T = c2w.shape[0] if c2w.ndim == 3 else -1
         if c2w.shape[-2:] != (4, 4) or T < 1:
             raise ValueError(f"{self.name}: c2w must be [T, 4, 4], got {list(c2w.shape)}")
@@ -181,32 +221,41 @@ class VideoModel:
                              f"got a path of {T} latents (use VideoModel.fit_length)")
         if not bool(is_rigid(c2w).all()):
             raise ValueError(f"{self.name}: c2w[{int((~is_rigid(c2w)).nonzero()[0])}] is not a rigid transform")
-        K = torch.as_tensor(K, dtype=torch.float64)
+        K = torch.as_tensor(req.K, dtype=torch.float64)
         K = K.expand(T, 3, 3) if K.shape == (3, 3) else K
         if K.shape != (T, 3, 3):
             raise ValueError(f"{self.name}: K must be [3, 3] or [T={T}, 3, 3] pixel intrinsics, got {list(K.shape)}")
         c2w = rebase_to_first(c2w)
-        actions = latent_action_ids(c2w, self.settings.thresholds)
-        dev = self.device
+        frame = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
+        return frame, latent_action_ids(c2w, self.settings.thresholds), invert_rigid(c2w).float(), \
+            normalize_intrinsics(K, W, H).float(), T
+
+    def _generate_rows(self, rows: list[tuple[Tensor, Tensor, Tensor, Tensor, int]], caption: Optional[str],
+                       seeds: list[int]) -> list[np.ndarray]:
+        """One batched rollout of prepared requests of equal length T; frames uint8 [F, H, W, 3] per row."""
+        dev, T, B = self.device, rows[0][4], len(rows)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                frame = torch.from_numpy(image).permute(2, 0, 1)[None, :, None].float().div(127.5).sub(1.0)
-                image_latent = self.autoencoder.encode(frame.to(dev))[:, :, 0]
+                frames = torch.stack([r[0] for r in rows])[:, :, None].to(dev)  # [B, 3, 1, H, W]
+                image_latent = self.autoencoder.encode(frames)[:, :, 0]
                 text, mask = self._encode_caption(caption)
-                g = torch.Generator(device=dev).manual_seed(int(seed))
+                if text is not None:
+                    text = text.expand(B, *text.shape[1:])
+                    mask = None if mask is None else mask.expand(B, *mask.shape[1:])
+                gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
                 res = self.rollout.generate(
-                    image_latent, actions[None].to(dev), invert_rigid(c2w).float()[None].to(dev),
-                    normalize_intrinsics(K, W, H).float()[None].to(dev), text, mask, generator=g,
+                    image_latent, torch.stack([r[1] for r in rows]).to(dev), torch.stack([r[2] for r in rows]).to(dev),
+                    torch.stack([r[3] for r in rows]).to(dev), text, mask, generator=gens,
                 )
-                frames = to_uint8_video(self.autoencoder.decode(res.latents.float()))[0]
+                video = to_uint8_video(self.autoencoder.decode(res.latents.float()))
         finally:
             self.model.train(was_training)
         expected = num_frames(T, self.stride)
-        if frames.shape[0] != expected:
-            raise RuntimeError(f"{self.name}: decoded {frames.shape[0]} frames from {T} latents, expected {expected}")
-        return frames
+        if video.shape[1] != expected:
+            raise RuntimeError(f"{self.name}: decoded {video.shape[1]} frames from {T} latents, expected {expected}")
+        return list(video)
 
     def _encode_caption(self, caption: Optional[str]) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """(tokens [1, L, D], mask [1, L] or None); (None, None) without a caption or text stream."""

@@ -20,7 +20,7 @@ from data.latents import latent_frame_index, num_frames
 from eval.lpips import LPIPS
 from eval.protocols.clips import EvalClip
 from eval.protocols.config import ProtocolConfig
-from eval.protocols.runner import VideoModel
+from eval.protocols.runner import Request, VideoModel
 from eval.protocols.scoring import Example, ProtocolResult, camera_scores, frame_scores, mean_curve, summarize
 
 __all__ = ["run_short"]
@@ -32,6 +32,7 @@ def run_short(model: VideoModel, clips: list[EvalClip], cfg: ProtocolConfig, lpi
     res = ProtocolResult("short")
     s = model.stride
     curves: dict[str, list] = {}
+    todo = []
     for i, clip in enumerate(clips):
         T = model.fit_length(min(cfg.short_latents, clip.num_latents(s)))
         if T < 2:
@@ -39,10 +40,12 @@ def run_short(model: VideoModel, clips: list[EvalClip], cfg: ProtocolConfig, lpi
                              f"of >= 2 latents ({model.unit} latents per unit, stride {s})")
             continue
         F = num_frames(T, s)
-        gt = clip.video[:F]
         c2w = rebase_to_first(clip.c2w[:F])
-        idx = latent_frame_index(F, s)
-        gen = model.generate(gt[0], c2w[idx], clip.K[idx], clip.caption, seed=cfg.seed + i)
+        todo.append((i, clip, T, F, c2w, latent_frame_index(F, s)))
+    gens = model.generate_many([Request(clip.video[0], c2w[idx], clip.K[idx], clip.caption, seed=cfg.seed + i)
+                                for i, clip, T, F, c2w, idx in todo], cfg.batch)
+    for (i, clip, T, F, c2w, idx), gen in zip(todo, gens):
+        gt = clip.video[:F]
         scores = frame_scores(gen[1:], gt[1:], lpips, cfg.psnr_cap)
         cam = camera_scores(gen[idx.numpy()], clip.K[idx], c2w[idx], cfg.pose_mode, cfg.estimator)
         oracle = camera_scores(gt[idx.numpy()], clip.K[idx], c2w[idx], cfg.pose_mode, cfg.estimator)
