@@ -79,3 +79,16 @@ def test_bad_pipelines_fail_with_the_reason(tmp_path):
         load_pipeline(str(bad))
     assert load_pipeline("gpu_small").stages[1].init == "pretrain"  # the shipped pipelines load
     assert load_pipeline("demo").eval.num >= 8
+
+
+def test_a_pipeline_extends_another_by_appending_stages(tmp_path):
+    full = load_pipeline("gpu_small_full")
+    base = load_pipeline("gpu_small")
+    assert [s.name for s in full.stages] == [s.name for s in base.stages] + ["rl", "teacher", "ode_init", "distill"]
+    assert full.stages[0] == base.stages[0] and full.data == base.data  # inherited unchanged
+    assert full.name == "gpu_small_full" and full.eval.stages == ["pretrain", "midtrain", "rl", "distill"]
+    assert full.eval.variants == base.eval.variants  # keys the extending file leaves out come from the base
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: nope\nname: c\n")
+    with pytest.raises(SystemExit, match="extends: 'nope'"):
+        load_pipeline(str(child))

@@ -130,7 +130,7 @@ def load_pipeline(name_or_path: str, overrides: list[str] = ()) -> PipelineConfi
         raise SystemExit(f"train.pipeline: no pipeline {name_or_path!r} (looked for {path}); known: {known}")
     base = OmegaConf.structured(PipelineConfig)
     try:
-        merged = OmegaConf.merge(base, OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(base, _read_pipeline_file(path), OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(merged)
     except Exception as e:  # omegaconf names the bad key
         raise SystemExit(f"train.pipeline: {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
@@ -148,6 +148,25 @@ def load_pipeline(name_or_path: str, overrides: list[str] = ()) -> PipelineConfi
             if ref not in names[:i]:
                 raise SystemExit(f"train.pipeline: {path}: stage {s.name!r} refers to {{bundle:{ref}}}, not an earlier stage")
     return cfg
+
+
+def _read_pipeline_file(path: Path, seen: tuple[Path, ...] = ()) -> Any:
+    """A pipeline yaml as an OmegaConf node. ``extends: NAME`` starts from pipeline NAME: this file's keys
+    override NAME's, and this file's ``stages`` come after NAME's (so a pipeline can add stages to another)."""
+    node = OmegaConf.load(path)
+    parent = node.pop("extends", None)
+    if parent is None:
+        return node
+    base_path = PIPELINE_DIR / f"{parent}.yaml"
+    if not base_path.exists():
+        raise ValueError(f"extends: {parent!r}: no pipeline {base_path}")
+    if base_path.resolve() in seen:
+        raise ValueError(f"extends: {parent!r} makes a cycle through {[p.name for p in seen]}")
+    base = _read_pipeline_file(base_path, (*seen, path.resolve()))
+    stages = list(base.get("stages", [])) + list(node.pop("stages", []))
+    merged = OmegaConf.merge(base, node)
+    merged.stages = stages
+    return merged
 
 
 class _Clock:
