@@ -65,6 +65,11 @@ def test_pipeline_stops_on_its_budget_resumes_and_reports(tmp_path):
     before = (out / "pretrain" / "metrics.jsonl").stat().st_mtime_ns
     assert run_pipeline(load_pipeline(str(path)), log=lambda *_: None) == 0
     assert (out / "pretrain" / "metrics.jsonl").stat().st_mtime_ns == before
+    # Other evaluation rows (e.g. a pipeline extending this one): training is kept, the evaluation runs again.
+    assert run_pipeline(load_pipeline(str(path), ["eval.variants=[]", "eval.protocols=short"]), log=lambda *_: None) == 0
+    assert (out / "pretrain" / "metrics.jsonl").stat().st_mtime_ns == before
+    report = (out / "report.md").read_text()
+    assert "| midtrain |" in report and "| midtrain+nomem |" not in report
 
 
 def test_bad_pipelines_fail_with_the_reason(tmp_path):

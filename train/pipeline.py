@@ -23,6 +23,7 @@ machines that cap one command's time run the command again until it exits 0.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -59,8 +60,9 @@ class DataSpec:
     trajectory: str = "mixed"
     supersample: int = 1
     seed: int = 0
-    device: str = "cpu"  # where frames are ray cast (cuda: one process, tens of thousands of frames/s)
-    workers: int = 1  # CPU rendering processes
+    device: str = "cpu"  # where frames are ray cast (cuda: batches of clips by the main process)
+    workers: int = 1  # CPU rendering processes; with device=cuda, trajectory-planning processes (e.g. 12 on 16 cores)
+    batch: Optional[int] = None  # clips ray cast per launch sequence (None: 32 on a GPU, 1 on CPU; output is the same)
     video_format: str = "lossless"  # raw: no encoding cost (fast with device=cuda)
     depth: bool = False  # training never reads depth
     heldout_clips: int = 8
@@ -229,8 +231,9 @@ def make_data(spec: DataSpec, out: Path, state: dict[str, Any], log=print) -> No
                 "--latent-translation", str(spec.latent_translation), "--latent-rotation", str(spec.latent_rotation),
                 "--supersample", str(spec.supersample), "--device", spec.device, "--video-format", spec.video_format,
                 "--overwrite"]
-        if spec.device == "cpu":
-            argv += ["--workers", str(spec.workers)]
+        argv += ["--workers", str(spec.workers)]
+        if spec.batch is not None:
+            argv += ["--batch", str(spec.batch)]
         if not spec.depth:
             argv.append("--no-depth")
         synthetic(argv)
@@ -326,9 +329,11 @@ def run_eval(cfg: PipelineConfig, out: Path, state: dict[str, Any], clock: _Cloc
     from eval.lpips import LPIPSConfig
     from eval.protocols import ProtocolConfig
 
-    if state["eval"].get("done"):
-        return
     e = cfg.eval
+    # What was evaluated: a pipeline that extends this one (more stages, other rows) evaluates again.
+    signature = json.dumps({**dataclasses.asdict(e), "stages": e.stages or [s.name for s in cfg.stages]}, sort_keys=True)
+    if state["eval"].get("done") and state["eval"].get("signature", signature) == signature:
+        return
     clock.need(e.minutes * 60, "evaluation")
     names = e.stages or [s.name for s in cfg.stages]
     with_variants = e.variant_stages or names
@@ -340,7 +345,7 @@ def run_eval(cfg: PipelineConfig, out: Path, state: dict[str, Any], clock: _Cloc
                              pcfg, names, log=log, variants=[parse_variant(v) for v in e.variants],
                              variant_bundles=[state["stages"][n]["bundle"] for n in with_variants])
     state["eval"] = {"done": True, "report": str(files.markdown), "json": str(files.json),
-                     "seconds": round(time.perf_counter() - t0, 1)}
+                     "seconds": round(time.perf_counter() - t0, 1), "signature": signature}
     _save_state(out, state)
 
 
