@@ -356,8 +356,63 @@ def test_worker_processes_generate_the_same_clips():
     from data.synthetic import dataset_clip, iter_dataset_clips
 
     cfg = SyntheticConfig(num_frames=5, height=16, width=16)
-    spawned = list(iter_dataset_clips(3, 2, 9, cfg, workers=2))
+    spawned = list(iter_dataset_clips(3, 2, 9, cfg, workers=2, batch=2))  # a batch of 2, then a batch of 1
+    assert [c["meta"]["clip_index"] for c in spawned] == [0, 1, 2]
     for i, clip in enumerate(spawned):
         direct = dataset_clip(i, 2, 9, cfg)
         assert np.array_equal(clip["video"], direct["video"]) and np.array_equal(clip["c2w"], direct["c2w"])
         assert clip["meta"] == direct["meta"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Batched rendering
+
+
+def test_batched_render_equals_each_clip_rendered_alone():
+    from dataclasses import replace
+
+    from data.synthetic import render_batch
+
+    scenes = [Scene.random(i) for i in range(4)]  # open-sky and roofed rooms
+    assert len({s.sky for s in scenes}) == 2
+    scenes[2] = replace(scenes[2], fog_density=0.0)  # fogged and fog-free scenes shaded together
+    scenes.append(Scene.build(4.0, 4.0, 3.0, [], seed=3))  # no objects at all
+    poses = [make_trajectory("mixed", s, 5, np.random.default_rng(i))[1].float() for i, s in enumerate(scenes)]
+    sid = torch.repeat_interleave(torch.arange(len(scenes)), 5)
+    for H, W, ss in ((16, 20, 1), (9, 11, 2)):  # 9x11x4 rays: not a multiple of the SIMD padding
+        K = make_intrinsics(90.0, W, H)
+        alone = [render(s, c, K, H, W, supersample=ss) for s, c in zip(scenes, poses)]
+        for rays in (None, 400):  # default blocks, and blocks that cut across clips
+            rgb, depth = render_batch(scenes, torch.cat(poses), K, H, W, scene_index=sid, supersample=ss,
+                                      trace_rays=rays, shade_rays=rays and 3 * rays)
+            for i, (a_rgb, a_depth) in enumerate(alone):
+                assert torch.equal(rgb[5 * i : 5 * i + 5], a_rgb), (H, W, rays, i)
+                assert torch.equal(depth[5 * i : 5 * i + 5], a_depth), (H, W, rays, i)
+    with pytest.raises(ValueError, match="scene_index"):
+        render_batch(scenes, torch.cat(poses), K, H, W, scene_index=sid[:-1])
+    with pytest.raises(ValueError, match="scene_index"):
+        render_batch(scenes[:2], torch.cat(poses), K, H, W, scene_index=sid)
+
+
+def test_dataset_clips_do_not_depend_on_batch_or_workers():
+    from data.synthetic import dataset_clip, iter_dataset_clips
+    from data.synthetic.dataset import _stream, plan_dataset_clip
+
+    cfg = SyntheticConfig(num_frames=5, height=16, width=16, supersample=2)
+    direct = [dataset_clip(i, 3, 9, cfg) for i in range(5)]
+    runs = {
+        "batch 2": list(iter_dataset_clips(5, 3, 9, cfg, batch=2)),
+        "batch 5": list(iter_dataset_clips(5, 3, 9, cfg, batch=5, depth=False)),
+        # the device path (planning apart, batches in flight), here on the CPU
+        "stream": list(_stream((plan_dataset_clip(i, 3, 9, cfg) for i in range(5)), cfg, torch.device("cpu"), True, 2)),
+    }
+    for name, clips in runs.items():
+        assert [c["meta"]["clip_index"] for c in clips] == list(range(5)), name
+        for clip, ref in zip(clips, direct):
+            assert np.array_equal(clip["video"], ref["video"]) and np.array_equal(clip["c2w"], ref["c2w"]), name
+            assert np.array_equal(clip["keys"], ref["keys"]) and clip["meta"] == ref["meta"], name
+            assert ("depth" in clip) == (name != "batch 5"), name
+            if "depth" in clip:
+                assert np.array_equal(clip["depth"], ref["depth"]), name
+    with pytest.raises(ValueError, match="batch"):
+        next(iter_dataset_clips(2, 1, 0, cfg, batch=0))
