@@ -75,7 +75,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the bundle's)")
     p.add_argument("--decode-overlap", type=int, default=PlayerConfig.decode_overlap,
-                   help="earlier latents decoded in front of each chunk (causal VAE context)")
+                   help="earlier latents decoded in front of each chunk, for an autoencoder without a streaming decoder "
+                        "(every built-in one streams: frames equal the whole-video decode)")
     p.add_argument("--sidecar", default=None, help="sidecar path (default: OUT with .json)")
     p.add_argument("--quiet", action="store_true", help="print only errors")
     return p.parse_args(argv)

@@ -48,7 +48,7 @@ class PlayerConfig:
     dtype: str = "fp32"  # fp32 | bf16: the DiT's weights (the autoencoder / text encoder keep their own)
     offload: bool = False  # keep the text encoder and autoencoder on CPU, moving them to the device only to run
     seed: int = 0  # default seed of reset()
-    decode_overlap: int = 4  # earlier latents decoded in front of each new chunk (causal VAEs need context); >= 1
+    decode_overlap: int = 4  # earlier latents re-decoded per chunk by an autoencoder without a streaming decoder; >= 1
     steps: Optional[int] = None  # Euler steps (euler schedule)
     schedule: Optional[str] = None  # euler | distilled
     shift: Optional[float] = None

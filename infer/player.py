@@ -14,10 +14,13 @@ sampler's. Latent 0 is the conditioning image's camera (identity pose, action 0)
 takes ``unit - 1`` moves and later steps ``unit`` (:attr:`WorldPlayer.moves_needed`). Actions come
 from the poses with the bundle's training thresholds (``infer.trajectory`` explains why).
 
-Decoding is per step: the new latents are decoded together with up to ``decode_overlap`` earlier
-latents (a causal VAE's frames depend on the latents before them) and only the new frames are kept;
-for the patch autoencoder this equals decoding the whole video at once. Every phase is timed with
-device synchronisation (:mod:`infer.timing`).
+Decoding is per step and streamed: the autoencoder's :class:`~models.autoencoders.StreamDecoder`
+decodes only the new latents, carrying its causal layers' caches from the previous steps, so the
+frames equal decoding the whole video at once (float rounding aside). ``reset`` starts a new
+stream; ``reset_video`` runs the history latents through it first. An autoencoder without a
+streaming decoder falls back to decoding the new latents together with up to ``decode_overlap``
+earlier ones and keeping the new frames. Every phase is timed with device synchronisation
+(:mod:`infer.timing`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from infer.errors import InferError
 from infer.image import ImageLike, as_rgb, fit_image, to_uint8_frames, to_video_tensor
 from infer.timing import Stopwatch, summarize
 from infer.trajectory import default_intrinsics
+from models.autoencoders import StreamDecoder
 from models.bundle import Bundle, load_bundle, read_bundle_config
 from models.lora import merge_adapter
 from models.rollout import Rollout, RolloutConfig, RolloutState
@@ -106,6 +110,11 @@ class WorldPlayer:
         self._prompt: Optional[str] = None
         self._negative_prompt: Optional[str] = None
         self._start: dict[str, Any] = {}
+        self._stream: Optional[StreamDecoder] = None  # made by the first reset; None: no streaming decoder
+        try:
+            self._stream = ae.stream_decoder()
+        except NotImplementedError:
+            pass
         self._reset_history()
 
     # ------------------------------------------------------------------ construction
@@ -336,9 +345,13 @@ class WorldPlayer:
                 dev = self.device
                 self.rollout.extend(state, z, actions[None].to(dev), invert_rigid(c2w_lat).float()[None].to(dev),
                                     K_lat.float()[None].to(dev))
+                if self._stream is not None:  # the history's decoder caches, so the first chunk continues them
+                    self._stream.reset()
+                    with self._resident(ae):
+                        self._sync_stream(state, P)
         self._state = state
         self._generator = torch.Generator(device=self.device).manual_seed(int(self.cfg.seed if seed is None else seed))
-        self._reset_history()
+        self._reset_history(keep_stream=True)  # the stream now holds the history
         self._c2w, self._K, self._actions = c2w_lat, K_lat.to(torch.float64), actions
         self._image, self._K0 = rgb[0], K_lat[0].to(torch.float64)
         self._prompt, self._negative_prompt = prompt, negative
@@ -467,7 +480,9 @@ class WorldPlayer:
         }
 
     # ------------------------------------------------------------------ internals
-    def _reset_history(self) -> None:
+    def _reset_history(self, keep_stream: bool = False) -> None:
+        if self._stream is not None and not keep_stream:
+            self._stream.reset()
         self._c2w = torch.zeros(0, 4, 4, dtype=torch.float64)
         self._K = torch.zeros(0, 3, 3, dtype=torch.float64)
         self._actions = torch.zeros(0, dtype=torch.long)
@@ -508,13 +523,28 @@ class WorldPlayer:
         return tokens, (None if bool(mask.all()) else mask)
 
     def _decode(self, state: RolloutState, start: int, L: int) -> np.ndarray:
-        """Frames uint8 of latents [start, start + L), decoded with up to decode_overlap earlier latents."""
+        """Frames uint8 [F_new, H, W, 3] of latents [start, start + L): streamed, or (autoencoders without a
+        streaming decoder) decoded with up to decode_overlap earlier latents."""
         ae = self.bundle.autoencoder
-        a = max(0, start - self.cfg.decode_overlap)
         with self._resident(ae):
+            if self._stream is not None:
+                self._sync_stream(state, start)
+                return to_uint8_frames(self._stream.decode(state.latents[:, :, start : start + L].float().to(_module_device(ae, self.device))))
+            a = max(0, start - self.cfg.decode_overlap)
             video = ae.decode(state.latents[:, :, a : start + L].float().to(_module_device(ae, self.device)))
         new = frames_of_latents(L, self.temporal_stride) if start == 0 else L * self.temporal_stride
         return to_uint8_frames(video[:, :, -new:])
+
+    def _sync_stream(self, state: RolloutState, upto: int) -> None:
+        """Bring the stream decoder to latent ``upto``: when it is elsewhere, restart it and run latents [0, upto)
+        through it in chunks of ``unit`` (frames discarded). A no-op in the usual step-after-step case."""
+        stream = self._stream
+        if stream is None or stream.num_latents == upto:
+            return
+        stream.reset()
+        dev = _module_device(self.bundle.autoencoder, self.device)
+        for a in range(0, upto, self.unit):
+            stream.decode(state.latents[:, :, a : min(upto, a + self.unit)].float().to(dev))
 
     def _keys(self, keys: Union[None, str, Tensor, np.ndarray], n: int) -> Tensor:
         """Per-move held keys [n, 8] from None / a move or pose string / bool keys [8] or [n, 8]."""

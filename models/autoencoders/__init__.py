@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from models.autoencoders.base import Autoencoder, AutoencoderConfig
+from models.autoencoders.base import Autoencoder, AutoencoderConfig, StreamDecoder
 from models.autoencoders.diffusers_vae import (
     DiffusersVideoVAE,
     HunyuanVideo15VAE,
@@ -41,6 +41,7 @@ __all__ = [
     "DiffusersVideoVAE",
     "HunyuanVideo15VAE",
     "PatchAutoencoder",
+    "StreamDecoder",
     "WanVAE",
     "build_autoencoder",
 ]

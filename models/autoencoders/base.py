@@ -5,6 +5,11 @@ normalised (scaled / shifted) so that they have roughly unit variance, which is 
 assumes when it mixes them with unit Gaussian noise. Frames group causally: frame 0 alone, then
 groups of ``temporal_stride`` frames, so ``F = 1 + s * (T - 1)`` (the rule lives in
 ``data.latents``). Outputs are float32 whatever the dtype the network runs in.
+
+Streaming: ``Autoencoder.stream_decoder()`` returns a :class:`StreamDecoder` that decodes a latent
+video chunk by chunk (each call gets only the new latents) and returns the frames that decoding
+the whole video at once gives for them, within float rounding. Causal VAEs keep per-layer caches
+of the previous calls; the patch autoencoder needs only to know whether a chunk is the first.
 """
 
 from __future__ import annotations
@@ -123,14 +128,75 @@ class Autoencoder(nn.Module, abc.ABC):
 
     def decode(self, latents: Tensor) -> Tensor:
         """Video [B, 3, F, H, W] (float32, about [-1, 1]) from normalised latents [B, C, T, h, w]."""
-        if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"{self.name} autoencoder: decode expects latents [B, {self.latent_channels}, T, h, w], "
-                f"got {list(latents.shape)}"
-            )
+        self._check_latents(latents, "decode")
         T, h, w = latents.shape[2:]
         F = self.num_frames(T)
         x = self._decode(latents)
         expected = (3, F, h * self.spatial_stride, w * self.spatial_stride)
         assert x.shape[1:] == expected, f"{self.name} decoded {list(x.shape)}, expected [B, *{list(expected)}]"
         return x.float()
+
+    def stream_decoder(self) -> "StreamDecoder":
+        """A fresh :class:`StreamDecoder` of this autoencoder (chunk-by-chunk decoding with carried state)."""
+        raise NotImplementedError(f"{self.name} autoencoder: no streaming decoder; decode overlapping windows instead")
+
+    def _check_latents(self, latents: Tensor, what: str) -> None:
+        """Raise unless ``latents`` is [B, latent_channels, T >= 1, h, w]."""
+        if latents.ndim != 5 or latents.shape[1] != self.latent_channels or latents.shape[2] < 1:
+            raise ValueError(
+                f"{self.name} autoencoder: {what} expects latents [B, {self.latent_channels}, T, h, w] (T >= 1), "
+                f"got {list(latents.shape)}"
+            )
+
+
+class StreamDecoder(abc.ABC):
+    """Decodes a latent video chunk by chunk: ``decode(new latents) -> new frames``; ``reset()`` starts a new video.
+
+    After ``reset`` (or construction) the first chunk of L latents gives ``1 + s * (L - 1)`` frames
+    (latent 0 decodes to frame 0 alone) and every later chunk ``s * L`` frames, s the temporal
+    stride; concatenated, they equal ``autoencoder.decode`` of all latents at once within float
+    rounding. The batch size and latent size (h, w) are fixed by the first chunk. State (caches)
+    lives on the device of the latents; one stream serves one video at a time.
+    """
+
+    def __init__(self, autoencoder: Autoencoder):
+        self.autoencoder = autoencoder
+        self.num_latents = 0  # latents decoded since reset
+        self._shape: Optional[tuple[int, int, int]] = None  # (B, h, w) of this stream
+
+    @property
+    def num_frames(self) -> int:
+        """Frames returned since reset."""
+        return 0 if self.num_latents == 0 else self.autoencoder.num_frames(self.num_latents)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Frames [B, 3, F_new, H, W] (float32, about [-1, 1]) of the next latents [B, C, L, h, w] of the video."""
+        ae = self.autoencoder
+        ae._check_latents(latents, "stream decode")
+        B, _, L, h, w = latents.shape
+        if self._shape is not None and (B, h, w) != self._shape:
+            raise ValueError(
+                f"{ae.name} autoencoder: stream decode continues a video of latents [{self._shape[0]}, C, T, "
+                f"{self._shape[1]}, {self._shape[2]}], got {list(latents.shape)}; call reset() to start another"
+            )
+        first = self.num_latents == 0
+        x = self._decode_chunk(latents, first)
+        s = ae.temporal_stride
+        expected = (B, 3, 1 + s * (L - 1) if first else s * L, h * ae.spatial_stride, w * ae.spatial_stride)
+        assert tuple(x.shape) == expected, f"{ae.name} stream decoded {list(x.shape)}, expected {list(expected)}"
+        self._shape = (B, h, w)
+        self.num_latents += L
+        return x.float()
+
+    def reset(self) -> None:
+        """Forget the video decoded so far (caches included); the next chunk starts a new one."""
+        self.num_latents = 0
+        self._shape = None
+        self._reset()
+
+    @abc.abstractmethod
+    def _decode_chunk(self, latents: Tensor, first: bool) -> Tensor:
+        """Frames [B, 3, F_new, H, W] of checked latents [B, C, L, h, w]; ``first``: the video's first chunk."""
+
+    def _reset(self) -> None:
+        """Drop carried state (override when there is any)."""

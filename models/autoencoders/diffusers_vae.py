@@ -7,6 +7,7 @@
 
 Both encode frame 0 alone and then groups of 4 frames, the rule of ``data.latents``. diffusers is
 imported lazily: it takes seconds to import and the patch autoencoder never needs it.
+``stream_decoder()`` decodes chunk by chunk with per-layer caches (``models.autoencoders.stream``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from models.autoencoders.base import Autoencoder, AutoencoderConfig, parse_dtype
+from models.autoencoders.stream import DRIVE_LOCK, HunyuanVideo15StreamDecoder, WanStreamDecoder
 
 
 class DiffusersVideoVAE(Autoencoder):
@@ -86,10 +88,14 @@ class DiffusersVideoVAE(Autoencoder):
         mean, std = self._stats(raw)
         return (raw - mean) / std * self._scaling
 
-    def _decode(self, latents: Tensor) -> Tensor:
+    def _raw(self, latents: Tensor) -> Tensor:
+        """The VAE's own latents (normalisation undone), in its dtype, from normalised latents [B, C, T, h, w]."""
         mean, std = self._stats(latents.float())
-        raw = latents.float() / self._scaling * std + mean
-        return self.vae.decode(raw.to(self.dtype)).sample.clamp(-1.0, 1.0)
+        return (latents.float() / self._scaling * std + mean).to(self.dtype)
+
+    def _decode(self, latents: Tensor) -> Tensor:
+        with DRIVE_LOCK:  # never while a stream decoder has its layer overrides installed
+            return self.vae.decode(self._raw(latents)).sample.clamp(-1.0, 1.0)
 
 
 class HunyuanVideo15VAE(DiffusersVideoVAE):
@@ -108,6 +114,10 @@ class HunyuanVideo15VAE(DiffusersVideoVAE):
             scaling_factor=c.scaling_factor,
             sample_posterior=sample_posterior,
         )
+
+    def stream_decoder(self, attention_history: Optional[int] = None) -> HunyuanVideo15StreamDecoder:
+        """Streaming decoder; ``attention_history`` bounds the mid-block attention's past (None: exact)."""
+        return HunyuanVideo15StreamDecoder(self, attention_history=attention_history)
 
 
 class WanVAE(DiffusersVideoVAE):
@@ -130,6 +140,10 @@ class WanVAE(DiffusersVideoVAE):
             latents_std=c.latents_std,
             sample_posterior=sample_posterior,
         )
+
+    def stream_decoder(self, per_latent: bool = False) -> WanStreamDecoder:
+        """Streaming decoder; ``per_latent`` repeats diffusers' one-latent-at-a-time loop exactly."""
+        return WanStreamDecoder(self, per_latent=per_latent)
 
 
 def _vae_location(path: Optional[str], kind: str) -> tuple[str, Optional[str]]:

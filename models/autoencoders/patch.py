@@ -17,7 +17,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from models.autoencoders.base import Autoencoder, AutoencoderConfig
+from models.autoencoders.base import Autoencoder, AutoencoderConfig, StreamDecoder
 
 
 class PatchAutoencoder(Autoencoder):
@@ -90,9 +90,26 @@ class PatchAutoencoder(Autoencoder):
         mean, std = self._stats(z)
         return (z - mean) / std
 
-    def _decode(self, latents: Tensor) -> Tensor:
+    def _frames(self, latents: Tensor) -> Tensor:
+        """Every group's frames [B, 3, s*T, H, W] of latents [B, C, T, h, w] (latent 0's replicas not merged)."""
         mean, std = self._stats(latents)
         z = latents * std + mean
-        frames = rearrange(z, "b (c st ph pw) t h w -> b c (t st) (h ph) (w pw)", st=self.s, ph=self.p, pw=self.p)
+        return rearrange(z, "b (c st ph pw) t h w -> b c (t st) (h ph) (w pw)", st=self.s, ph=self.p, pw=self.p)
+
+    def _decode(self, latents: Tensor) -> Tensor:
+        frames = self._frames(latents)
         first = frames[:, :, : self.s].mean(dim=2, keepdim=True)
         return torch.cat([first, frames[:, :, self.s :]], dim=2)
+
+    def stream_decoder(self) -> "PatchStreamDecoder":
+        return PatchStreamDecoder(self)
+
+
+class PatchStreamDecoder(StreamDecoder):
+    """Streaming decode of the patch autoencoder: per latent, so no state beyond "is this the first chunk"."""
+
+    autoencoder: PatchAutoencoder
+
+    def _decode_chunk(self, latents: Tensor, first: bool) -> Tensor:
+        ae = self.autoencoder
+        return ae._decode(latents) if first else ae._frames(latents)
