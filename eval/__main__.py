@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+
+import torch
 
 from eval.lpips import LPIPS, LPIPSConfig
 from eval.protocols import ProtocolConfig, VideoModel, evaluate, load_clips, parse_protocols, prepare_clips
@@ -66,12 +71,15 @@ def evaluate_bundles(
     log=print,
     variants: Sequence[tuple[str, Sequence[str]]] = (),
     variant_bundles: Optional[Sequence[str | Path]] = None,
+    resume: bool = False,
 ) -> ReportFiles:
     """Evaluate each bundle on the first ``cfg.num`` clips of ``data`` and write the report under ``out``.
 
     ``variants``: (suffix, sampling dotlist) pairs; each adds a row ``<name>+<suffix>`` per bundle,
     sampled with those overrides (e.g. ``("nomem", ["memory.spatial_chunks=0", "memory.anchor=false"])``);
-    ``variant_bundles`` limits them to some of the bundles (default: all).
+    ``variant_bundles`` limits them to some of the bundles (default: all). ``resume``: each finished row
+    is kept under ``out/rows`` and reused by a later call with the same bundle files, data, protocols and
+    settings (an evaluation cut off by a time limit continues with the next row).
     """
     cfg = cfg or ProtocolConfig()
     cfg.validate()
@@ -91,17 +99,60 @@ def evaluate_bundles(
              if varied is None or Path(path).resolve() in varied]
     for path, name, dots in runs:
         t0 = time.perf_counter()
+        key = _row_key(path, dots, data, chosen, cfg, lpips.available)
+        cached = _load_row(out, name, key) if resume else None
+        if cached is not None:
+            reports.append(cached)
+            log(f"[eval] {name}: kept from an earlier call ({_rows_dir(out)})")
+            continue
         model = VideoModel.from_bundle(path, device=cfg.device, dtype=cfg.dtype, steps=cfg.steps, name=name, sampling=dots)
         clips = prepare_clips(raw, model, cfg)
         results = evaluate(model, clips, chosen, cfg, lpips)
         meta = {k: model.meta.get(k) for k in _META_KEYS}
         settings = {**model.settings.to_dict(), "overrides": list(dots)}
         reports.append(BundleReport(name, str(Path(path).resolve()), results, meta, settings))
+        if resume:
+            _save_row(out, name, key, reports[-1])
         log(f"[eval] {name}: " + "; ".join(f"{p} {r.seconds:.1f}s" for p, r in results.items())
             + f" ({time.perf_counter() - t0:.1f}s)")
         del model
     return write_report(out, reports, config=dataclasses.asdict(cfg), lpips_status=lpips.status(),
                         lpips_available=lpips.available, data=str(Path(data).resolve()), strip_frames=cfg.strip_frames)
+
+
+def _rows_dir(out: str | Path) -> Path:
+    return Path(out) / "rows"
+
+
+def _row_key(bundle: str | Path, dots: Sequence[str], data: str | Path, protocols: Sequence[str], cfg: ProtocolConfig,
+             lpips: bool) -> str:
+    """What a row's numbers depend on: the bundle's files (size, mtime), the data, protocols and settings."""
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(bundle).iterdir() if p.is_file())
+    return json.dumps({"bundle": str(Path(bundle).resolve()), "files": files, "overrides": list(dots),
+                       "data": str(Path(data).resolve()), "protocols": list(protocols), "lpips": lpips,
+                       "config": dataclasses.asdict(cfg)}, sort_keys=True, default=str)
+
+
+def _row_file(out: str | Path, name: str) -> Path:
+    return _rows_dir(out) / (re.sub(r"[^A-Za-z0-9.+-]+", "_", name) + ".pt")
+
+
+def _load_row(out: str | Path, name: str, key: str) -> Optional[BundleReport]:
+    """The row saved by an earlier call with the same key, else None."""
+    path = _row_file(out, name)
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=False)  # written by _save_row below
+    return saved["report"] if saved.get("key") == key else None
+
+
+def _save_row(out: str | Path, name: str, key: str, report: BundleReport) -> None:
+    """Keep a finished row atomically (a tmp file renamed into place)."""
+    path = _row_file(out, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save({"key": key, "report": report}, tmp)
+    os.replace(tmp, path)
 
 
 # Named variants: ``nomem`` keeps the context size but drops the anchor and retrieved chunks (recency only),
@@ -146,6 +197,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="also evaluate every bundle with these sampling overrides, as row <bundle>+NAME "
                         "(e.g. g2:guidance=2); 'nomem' = the same context size without anchor or retrieval")
+    p.add_argument("--resume", action="store_true",
+                   help="keep each finished row under OUT/rows and reuse rows a cut-off earlier call finished")
     p.add_argument("--lpips-trunk", default=None, help="torchvision alexnet-owt-7be5be79.pth (default: $TORCH_HOME)")
     return p
 
@@ -160,7 +213,7 @@ def main(argv: Optional[Sequence[str]] = None) -> ReportFiles:
     )
     try:
         files = evaluate_bundles(args.bundle, args.data, args.out, args.protocol, cfg, args.name,
-                                 variants=[parse_variant(v) for v in args.variant])
+                                 variants=[parse_variant(v) for v in args.variant], resume=args.resume)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"python -m eval: {e}") from e
     md = files.markdown.read_text()

@@ -452,3 +452,19 @@ def test_training_hook_returns_flat_metrics_and_restores_train_mode(data_dir, tm
     assert all(isinstance(v, float) for v in metrics.values())
     assert math.isfinite(metrics["eval/short/psnr"]) and metrics["eval/short/num_clips"] == 1.0
     assert (tmp_path / "hook" / "report.md").is_file()
+
+
+def test_resumed_evaluation_keeps_finished_rows_and_redoes_changed_ones(bundles, data_dir, tmp_path) -> None:
+    from eval.__main__ import evaluate_bundles
+
+    out, logs = tmp_path / "report", []
+    cfg = ProtocolConfig(**FAST)
+    first = json.loads(evaluate_bundles(bundles, data_dir, out, "short", cfg, resume=True, log=logs.append).json.read_text())
+    assert sorted(p.name for p in (out / "rows").iterdir()) == ["run_a_bundle.pt", "run_b_bundle.pt"]
+    logs.clear()
+    again = json.loads(evaluate_bundles(bundles, data_dir, out, "short", cfg, resume=True, log=logs.append).json.read_text())
+    assert sum("kept from an earlier call" in line for line in logs) == 2
+    assert [b["protocols"] for b in again["bundles"]] == [b["protocols"] for b in first["bundles"]]
+    logs.clear()  # another seed is another evaluation: nothing is reused
+    evaluate_bundles(bundles, data_dir, out, "short", replace(cfg, seed=1), resume=True, log=logs.append)
+    assert not any("kept" in line for line in logs)

@@ -343,7 +343,7 @@ def run_eval(cfg: PipelineConfig, out: Path, state: dict[str, Any], clock: _Cloc
     t0 = time.perf_counter()
     files = evaluate_bundles([state["stages"][n]["bundle"] for n in names], out / "heldout", out / "eval", e.protocols,
                              pcfg, names, log=log, variants=[parse_variant(v) for v in e.variants],
-                             variant_bundles=[state["stages"][n]["bundle"] for n in with_variants])
+                             variant_bundles=[state["stages"][n]["bundle"] for n in with_variants], resume=True)
     state["eval"] = {"done": True, "report": str(files.markdown), "json": str(files.json),
                      "seconds": round(time.perf_counter() - t0, 1), "signature": signature}
     _save_state(out, state)

@@ -185,7 +185,7 @@ class VideoModel:
     def generate_many(self, requests: Sequence["Request"], batch: int = 8) -> list[np.ndarray]:
         """:meth:`generate` for each request, up to ``batch`` rows per rollout; one frames array per request.
 
-        Consecutive requests with the same path length and caption share a rollout. Each row draws its
+        Consecutive requests with the same path length and caption (when the model reads captions) share a rollout. Each row draws its
         noise from its own seed, so a clip's video does not depend on the batch it was generated in (up to
         floating-point reduction order). Window-mode models roll out one request at a time (the union of
         retrieved chunks differs between trajectories).
@@ -195,16 +195,20 @@ class VideoModel:
         if self.settings.rollout.mode != "ar":
             batch = 1
         prepared = [self._prepare(r) for r in requests]
+        captions = [r.caption if self._reads_text() else None for r in requests]  # ignored captions do not split batches
         out: list[np.ndarray] = []
         i = 0
         while i < len(prepared):
             j = i + 1
-            while j < len(prepared) and j - i < batch and prepared[j][4] == prepared[i][4] \
-                    and requests[j].caption == requests[i].caption:
+            while j < len(prepared) and j - i < batch and prepared[j][4] == prepared[i][4] and captions[j] == captions[i]:
                 j += 1
-            out.extend(self._generate_rows(prepared[i:j], requests[i].caption, [int(r.seed) for r in requests[i:j]]))
+            out.extend(self._generate_rows(prepared[i:j], captions[i], [int(r.seed) for r in requests[i:j]]))
             i = j
         return out
+
+    def _reads_text(self) -> bool:
+        """Whether captions reach the model (a text encoder and a text stream)."""
+        return self.text_encoder is not None and getattr(getattr(self.model, "cfg", None), "text_dim", 1) > 0
 
     def _prepare(self, req: "Request") -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
         """Check one request; (frame [3, H, W] in [-1, 1], actions [T], w2c [T, 4, 4], K normalised [T, 3, 3], T)."""
@@ -260,7 +264,7 @@ class VideoModel:
     def _encode_caption(self, caption: Optional[str]) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """(tokens [1, L, D], mask [1, L] or None); (None, None) without a caption or text stream."""
         te = self.text_encoder
-        if not caption or te is None or getattr(getattr(self.model, "cfg", None), "text_dim", 1) <= 0:
+        if not caption or not self._reads_text():
             return None, None
         try:
             tokens, mask = te.encode([caption])
