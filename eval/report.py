@@ -45,6 +45,13 @@ TRUTH_COLUMNS = (
     ("long", "truth_lpips", "LPIPS↓", "{:.3f}"),
     ("long", "num_truth_clips", "clips", "{:.0f}"),
 )
+HOLD_COLUMNS = (
+    ("short", "psnr", "short PSNR↑", "{:.2f}"),
+    ("short", "hold_psnr", "first frame held", "{:.2f}"),
+    ("short", "gain_psnr", "gain dB↑", "{:.2f}"),
+    ("short", "ssim", "SSIM↑", "{:.3f}"),
+    ("short", "hold_ssim", "held SSIM", "{:.3f}"),
+)
 CONTROL_COLUMNS = (
     ("control", "control", "control dB↑", "{:.2f}"),
     ("control", "follow_psnr", "PSNR own path↑", "{:.2f}"),
@@ -319,6 +326,11 @@ def write_report(
            "frames generated on the way out) plus WorldCompass action accuracy. R_dist in degrees, T_dist in",
            "the trajectory's units after one scale fit. Brackets: 95 % bootstrap interval of the mean over clips.", ""]
     md += _table(bundles, [c for c in SUMMARY_COLUMNS if c[0] in protocols], lpips_ok)
+    if "short" in protocols:
+        md += ["", "## Short: against the first frame held still", "",
+               "The static reference: the clip's first frame repeated. The gain is the model's PSNR minus the",
+               "reference's on the same clips (paired); at or below 0 the model has not learnt the motion.", ""]
+        md += _table(bundles, HOLD_COLUMNS, lpips_ok)
     if "long" in protocols:
         md += ["", "## Long: return path vs the true render (synthetic world)", ""]
         md += _table(bundles, TRUTH_COLUMNS, lpips_ok)

@@ -271,6 +271,9 @@ def test_short_protocol_compares_the_right_frames(bundles, data_dir) -> None:
     assert res.summary["psnr"] == cfg.psnr_cap and res.summary["ssim"] == pytest.approx(1.0)
     assert res.curves["psnr"]["x"] == list(range(1, num_frames(8, STRIDE)))
     assert all(v == cfg.psnr_cap for v in res.curves["psnr"]["y"])
+    # The static reference (first frame held) scores below the clip itself on moving clips; the gain is paired.
+    for c in res.clips:
+        assert c["hold_psnr"] < cfg.psnr_cap and c["gain_psnr"] == pytest.approx(c["psnr"] - c["hold_psnr"])
     # Camera errors of the clip's own frames equal the oracle's (same frames, same estimator).
     for c in res.clips:
         assert (math.isnan(c["R_dist_deg"]) and math.isnan(c["gt_R_dist_deg"])) or c["R_dist_deg"] == c["gt_R_dist_deg"]

@@ -50,6 +50,10 @@ def run_short(model: VideoModel, clips: list[EvalClip], cfg: ProtocolConfig, lpi
         cam = camera_scores(gen[idx.numpy()], clip.K[idx], c2w[idx], cfg.pose_mode, cfg.estimator)
         oracle = camera_scores(gt[idx.numpy()], clip.K[idx], c2w[idx], cfg.pose_mode, cfg.estimator)
         row = {"clip": clip.name, "latents": T, "frames": F, **{k: float(v.mean()) for k, v in scores.items()}}
+        # The static reference: the first frame held. A model that does not beat it has not learnt motion.
+        hold = frame_scores(np.repeat(gt[:1], F - 1, axis=0), gt[1:], None, cfg.psnr_cap)
+        row.update(hold_psnr=float(hold["psnr"].mean()), hold_ssim=float(hold["ssim"].mean()))
+        row["gain_psnr"] = row["psnr"] - row["hold_psnr"]
         row.update({k: cam[k] for k in ("R_dist_deg", "T_dist", "T_dist_rel", "failed_pairs", "reason")})
         row.update({f"gt_{k}": oracle[k] for k in ("R_dist_deg", "T_dist", "T_dist_rel", "failed_pairs", "reason")})
         row["camera_finite"], row["gt_camera_finite"] = float(np.isfinite(cam["R_dist_deg"])), float(np.isfinite(oracle["R_dist_deg"]))
@@ -58,7 +62,7 @@ def run_short(model: VideoModel, clips: list[EvalClip], cfg: ProtocolConfig, lpi
             curves.setdefault(k, []).append((range(1, F), v.tolist()))
         if len(res.examples) < cfg.num_examples:
             res.examples.append(Example(f"short {clip.name}", gt, gen))
-    keys = ["psnr", "ssim", "lpips", "R_dist_deg", "T_dist", "T_dist_rel", "gt_R_dist_deg", "gt_T_dist", "gt_T_dist_rel",
+    keys = ["psnr", "ssim", "lpips", "hold_psnr", "hold_ssim", "gain_psnr", "R_dist_deg", "T_dist", "T_dist_rel", "gt_R_dist_deg", "gt_T_dist", "gt_T_dist_rel",
             "camera_finite", "gt_camera_finite"]
     res.summary, res.intervals = summarize(res.clips, keys)
     res.summary["num_clips"] = len(res.clips)
