@@ -10,6 +10,11 @@
 #   train_step_hy15   hy15 with LoRA, frozen bf16 base, activation checkpointing (does it fit 80 GB?)
 #   peer              diffusers HunyuanVideo15Transformer3DModel at the base shape vs WorldDiT, fwd and fwd+bwd
 #   attention         the attention kernels alone on base's layouts, per backend
+# Further sections, run only when named (measurements of later issues):
+#   render            synthetic-world data generation on the GPU at gpu_small's settings (issue 14)
+#   decode            streaming vs overlapped HunyuanVideo-1.5 VAE decode per 16-frame chunk (issue 20)
+#   serve             the play server: key press to frame and frames/s delivered, base preset (issue 19)
+#   parity            HunyuanVideo-1.5 at its full 8.3B shape, random bf16 weights, vs diffusers (issue 18)
 # Then OUTDIR/results.md (all tables), OUTDIR/suite.json (per-section status and seconds) and a
 # short summary printed last.
 #
@@ -48,6 +53,11 @@ if [[ ${PERF_TINY:-0} == 1 ]]; then
     "peer|120|-m benchmarks.peer_diffusers --preset tiny --latents 4 --height 4 --width 6 --text 8 --warmup 1 --steps 2 --layouts peer trained ${shape[*]}"
     "attention|120|-m benchmarks.attention_kernels --preset tiny --height 4 --width 6 --text 8 --latents 8 --context 4 --warmup 1 --reps 2 --backend sdpa cudnn ${shape[*]}"
   )
+  named=(
+    "render|120|-m benchmarks.render_speed --device cpu --size 32 --frames 9 --clips 2 --batch 2 --stride 1"
+    "decode|120|-m benchmarks.decode_speed --tiny --device cpu --height 32 --width 32 --reps 1 --json {out}.json"
+    "serve|150|-m benchmarks.serve_latency --preset tiny --device cpu --client ws --presses 2 --seconds 2 --json {out}.json"
+  )
 else
   sections=(
     "train_step|200|-m benchmarks.train_step --preset base small --warmup 2 --steps 8 --ckpt-on-oom --profile"
@@ -56,14 +66,23 @@ else
     "peer|150|-m benchmarks.peer_diffusers --preset base --warmup 1 --steps 3 --layouts peer trained --ckpt-on-oom"
     "attention|120|-m benchmarks.attention_kernels --preset base --backend flex sdpa cudnn --branches fused --warmup 2 --reps 6"
   )
+  named=(
+    "render|120|-m benchmarks.render_speed --device cuda --size 128 --frames 65 --clips 256 --batch 32 --workers 12 --supersample 2 --stride 1"
+    "decode|150|-m benchmarks.decode_speed --json {out}.json"
+    "serve|150|-m benchmarks.serve_latency --preset base --device cuda --dtype bf16 --json {out}.json"
+    "parity|240|-m benchmarks.hy15_parity --json {out}.json"
+  )
 fi
 
 start=$(date +%s)
 status=()
-for s in "${sections[@]}"; do
+for s in "${sections[@]}" "${named[@]}"; do
   IFS='|' read -r name cap cmd <<<"$s"
   if ((${#only[@]})) && [[ ! " ${only[*]} " == *" $name "* ]]; then
     continue
+  fi
+  if [[ " ${named[*]} " == *"$s"* ]] && ! ((${#only[@]})); then
+    continue  # the further sections run only when named
   fi
   left=$((BUDGET_S - ($(date +%s) - start)))
   limit=$((cap < left ? cap : left))
@@ -72,10 +91,15 @@ for s in "${sections[@]}"; do
     status+=("{\"section\": \"$name\", \"status\": \"skipped: budget\", \"seconds\": 0}")
     continue
   fi
-  echo "== $name (limit ${limit}s): $PY $cmd --out $out/$name"
+  if [[ $cmd == *"{out}"* ]]; then
+    cmd=${cmd//\{out\}/$out/$name}  # the command names its own output file
+  elif [[ $cmd != *render_speed* ]]; then
+    cmd="$cmd --out $out/$name"  # (render_speed prints its JSON line into the log)
+  fi
+  echo "== $name (limit ${limit}s): $PY $cmd"
   t0=$(date +%s)
   # shellcheck disable=SC2086  # cmd is a word list on purpose
-  timeout --signal=TERM --kill-after=10 "$limit" $PY $cmd --out "$out/$name" 2>&1 | tee "$out/$name.log"
+  timeout --signal=TERM --kill-after=10 "$limit" $PY $cmd 2>&1 | tee "$out/$name.log"
   rc=${PIPESTATUS[0]}
   dt=$(($(date +%s) - t0))
   case $rc in 0) st=ok ;; 124 | 137) st="cut at ${limit}s" ;; *) st="failed (rc $rc)" ;; esac
