@@ -26,6 +26,7 @@ from models.dit import WorldDiT
 from models.memory import MemoryConfig
 from models.rollout import RolloutConfig
 from models.text_encoders import TextEncoderConfig
+from model_helpers import randomize
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -158,11 +159,7 @@ def vae_bundle(root: Path) -> Path:
     tiny_hunyuan15().vae.save_pretrained(root / "vae")
     torch.manual_seed(0)
     cfg = replace(preset("tiny"), latent_channels=4)
-    model = WorldDiT(cfg)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # the default init zeroes the output layers: make the model do something
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model = randomize(WorldDiT(cfg), 1)  # the default init zeroes the output layers: make the model do something
     mem = MemoryConfig(temporal_latents=4, spatial_chunks=1, anchor=True, max_context=12, num_points=500)
     samp = asdict(RolloutConfig(steps=1, memory=mem))
     samp.update(height=H, width=W, fps=12.0, model_type="ar")
