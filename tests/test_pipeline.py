@@ -59,6 +59,7 @@ def test_pipeline_stops_on_its_budget_resumes_and_reports(tmp_path):
     for row in ("| pretrain |", "| midtrain |", "| midtrain+nomem |", "control dB"):
         assert row in report, row
     assert "| pretrain+nomem |" not in report  # variants only for the stages named
+    assert "## Training curves" in report and (out / "plots" / "midtrain_loss.png").is_file()
     exported = sorted(p.name for p in (tmp_path / "export").iterdir())
     assert exported == ["eval_report.json", "pipeline.json", "report.md", "report.tar.gz"]
     # A third run does nothing again: every phase is recorded as done.

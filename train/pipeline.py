@@ -364,6 +364,9 @@ def write_summary(cfg: PipelineConfig, out: Path, state: dict[str, Any]) -> Path
         fmt = lambda v: "—" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
         md.append(f"| {s.name} | {s.experiment} | {s.init or '—'} | {r.get('step', '—')} | {r.get('probe_it_per_s', '—')} | "
                   f"{r.get('seconds', '—')} | {fmt(r.get('loss_start'))} | {fmt(r.get('loss_end'))} |")
+    plots = [p for s in cfg.stages if state["stages"].get(s.name, {}).get("done") for p in plot_stage_curves(out, s.name)]
+    if plots:
+        md += ["", "## Training curves", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots]
     if state["eval"].get("done"):
         body = Path(state["eval"]["report"]).read_text().split("\n", 1)[1]
         md += ["", f"## Evaluation ({state['eval']['seconds']} s)", "", body.replace("](plots/", "](eval/plots/")
@@ -371,6 +374,27 @@ def write_summary(cfg: PipelineConfig, out: Path, state: dict[str, Any]) -> Path
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path
+
+
+# Curves drawn per finished stage: (file suffix, title, which logged keys).
+_CURVES = (
+    ("loss", "training loss", lambda k: k == "loss" or k.startswith("loss/")),
+    ("rewards", "reward components (mean over candidates)", lambda k: k.startswith("reward/") and k.count("/") == 1),
+)
+
+
+def plot_stage_curves(out: Path, stage: str) -> list[Path]:
+    """PNG plots of a stage's logged loss and reward components against the step (``out/plots/<stage>_*.png``)."""
+    from eval.report import line_plot
+
+    rows = _metrics(out / stage)
+    paths = []
+    for suffix, title, wanted in _CURVES:
+        keys = sorted({k for r in rows for k in r if wanted(k)})
+        series = {k: ([r["step"] for r in rows if k in r], [float(r[k]) for r in rows if k in r]) for k in keys}
+        if any(len(x) > 1 for x, _ in series.values()):
+            paths.append(line_plot(out / "plots" / f"{stage}_{suffix}.png", series, f"{stage}: {title}", "step", suffix))
+    return paths
 
 
 def export_report(out: Path, dest: Path) -> list[Path]:
@@ -384,7 +408,7 @@ def export_report(out: Path, dest: Path) -> list[Path]:
             files.append(Path(shutil.copy(src, dest / name)))
     tar = dest / "report.tar.gz"
     with tarfile.open(tar, "w:gz") as t:
-        for sub in ("eval/plots", "eval/strips"):
+        for sub in ("plots", "eval/plots", "eval/strips"):
             if (out / sub).exists():
                 t.add(out / sub, arcname=sub)
         for m in sorted(out.glob("*/metrics.jsonl")):
