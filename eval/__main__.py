@@ -97,6 +97,25 @@ def evaluate_bundles(
     varied = None if variant_bundles is None else {Path(b).resolve() for b in variant_bundles}
     runs += [(path, f"{name}+{suffix}", tuple(dots)) for path, name in zip(bundles, names) for suffix, dots in variants
              if varied is None or Path(path).resolve() in varied]
+
+    def report() -> ReportFiles:
+        return write_report(out, reports, config=dataclasses.asdict(cfg), lpips_status=lpips.status(),
+                            lpips_available=lpips.available, data=str(Path(data).resolve()),
+                            strip_frames=cfg.strip_frames)
+
+    try:
+        _evaluate_runs(runs, data, out, chosen, cfg, lpips, raw, reports, resume, log)
+    except BaseException:
+        if reports:  # cut off (a time limit, an error): the rows finished so far still get their report
+            log(f"[eval] interrupted after {len(reports)} of {len(runs)} rows; writing their report")
+            report()
+        raise
+    return report()
+
+
+def _evaluate_runs(runs, data, out, chosen, cfg, lpips, raw, reports: list, resume: bool, log) -> None:
+    """Evaluate each (bundle, name, sampling overrides) run in turn, appending to ``reports`` (kept under
+    ``out/rows`` when ``resume``)."""
     for path, name, dots in runs:
         t0 = time.perf_counter()
         key = _row_key(path, dots, data, chosen, cfg, lpips.available)
@@ -116,8 +135,6 @@ def evaluate_bundles(
         log(f"[eval] {name}: " + "; ".join(f"{p} {r.seconds:.1f}s" for p, r in results.items())
             + f" ({time.perf_counter() - t0:.1f}s)")
         del model
-    return write_report(out, reports, config=dataclasses.asdict(cfg), lpips_status=lpips.status(),
-                        lpips_available=lpips.available, data=str(Path(data).resolve()), strip_frames=cfg.strip_frames)
 
 
 def _rows_dir(out: str | Path) -> Path:

@@ -471,3 +471,22 @@ def test_resumed_evaluation_keeps_finished_rows_and_redoes_changed_ones(bundles,
     logs.clear()  # another seed is another evaluation: nothing is reused
     evaluate_bundles(bundles, data_dir, out, "short", replace(cfg, seed=1), resume=True, log=logs.append)
     assert not any("kept" in line for line in logs)
+
+
+def test_evaluation_cut_off_reports_the_rows_it_finished(bundles, data_dir, tmp_path) -> None:
+    from eval.__main__ import evaluate_bundles
+
+    class TimeUp(Exception):
+        pass
+
+    def log(line: str) -> None:  # the time budget runs out just after the first row is finished
+        if line.startswith("[eval] ") and ": short " in line:
+            raise TimeUp
+
+    out = tmp_path / "report"
+    with pytest.raises(TimeUp):
+        evaluate_bundles(bundles, data_dir, out, "short", ProtocolConfig(**FAST), resume=True, log=log)
+    report = json.loads((out / "report.json").read_text())
+    names = [b["name"] for b in report["bundles"]]
+    assert len(names) == 1 and len(list((out / "rows").iterdir())) == 1
+    assert "run_b" not in (out / "report.md").read_text()

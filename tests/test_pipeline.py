@@ -42,7 +42,7 @@ eval: {{num: 2, protocols: 'short,control', short_latents: 8, control_latents: 8
     return path
 
 
-def test_pipeline_stops_on_its_budget_resumes_and_reports(tmp_path):
+def test_pipeline_stops_on_its_budget_resumes_and_reports(tmp_path, monkeypatch):
     path = _yaml(tmp_path)
     out = tmp_path / "out"
     # A budget too small for anything: it stops cleanly with 75 and leaves a resumable state.
@@ -71,6 +71,18 @@ def test_pipeline_stops_on_its_budget_resumes_and_reports(tmp_path):
     assert (out / "pretrain" / "metrics.jsonl").stat().st_mtime_ns == before
     report = (out / "report.md").read_text()
     assert "| midtrain |" in report and "| midtrain+nomem |" not in report
+    # An evaluation cut off by the time budget: the report shows the rows it finished, marked as such.
+    import eval.__main__ as evaluation
+    from train.pipeline import Stop
+
+    def cut_off(*args, **kwargs):
+        (out / "eval" / "report.md").write_text("# Evaluation\n| pretrain | finished row |\n")
+        raise Stop("time budget spent")
+
+    monkeypatch.setattr(evaluation, "evaluate_bundles", cut_off)
+    assert run_pipeline(load_pipeline(str(path), ["eval.protocols=control"]), log=lambda *_: None) == 75
+    report = (out / "report.md").read_text()
+    assert "cut off by the time budget" in report and "| pretrain | finished row |" in report
 
 
 def test_bad_pipelines_fail_with_the_reason(tmp_path):

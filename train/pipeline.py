@@ -341,9 +341,16 @@ def run_eval(cfg: PipelineConfig, out: Path, state: dict[str, Any], clock: _Cloc
                           short_latents=e.short_latents,
                           long_latents=e.long_latents, control_latents=e.control_latents, lpips=LPIPSConfig())
     t0 = time.perf_counter()
-    files = evaluate_bundles([state["stages"][n]["bundle"] for n in names], out / "heldout", out / "eval", e.protocols,
-                             pcfg, names, log=log, variants=[parse_variant(v) for v in e.variants],
-                             variant_bundles=[state["stages"][n]["bundle"] for n in with_variants], resume=True)
+    partial = out / "eval" / "report.md"
+    partial.unlink(missing_ok=True)  # a report left by an earlier, cut-off call would describe fewer rows
+    try:
+        files = evaluate_bundles([state["stages"][n]["bundle"] for n in names], out / "heldout", out / "eval",
+                                 e.protocols, pcfg, names, log=log, variants=[parse_variant(v) for v in e.variants],
+                                 variant_bundles=[state["stages"][n]["bundle"] for n in with_variants], resume=True)
+    except Stop:
+        if partial.exists():  # the rows finished before the time budget ran out, reported as such
+            state["eval"] = {"partial": str(partial), "seconds": round(time.perf_counter() - t0, 1)}
+        raise
     state["eval"] = {"done": True, "report": str(files.markdown), "json": str(files.json),
                      "seconds": round(time.perf_counter() - t0, 1), "signature": signature}
     _save_state(out, state)
@@ -367,10 +374,12 @@ def write_summary(cfg: PipelineConfig, out: Path, state: dict[str, Any]) -> Path
     plots = [p for s in cfg.stages if state["stages"].get(s.name, {}).get("done") for p in plot_stage_curves(out, s.name)]
     if plots:
         md += ["", "## Training curves", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots]
-    if state["eval"].get("done"):
-        body = Path(state["eval"]["report"]).read_text().split("\n", 1)[1]
-        md += ["", f"## Evaluation ({state['eval']['seconds']} s)", "", body.replace("](plots/", "](eval/plots/")
-               .replace("](strips/", "](eval/strips/")]
+    done, partial = state["eval"].get("done"), state["eval"].get("partial")
+    if done or partial:
+        body = Path(state["eval"]["report" if done else "partial"]).read_text().split("\n", 1)[1]
+        title = f"## Evaluation ({state['eval']['seconds']} s)" if done else \
+            f"## Evaluation, cut off by the time budget after {state['eval']['seconds']} s (the rows finished so far)"
+        md += ["", title, "", body.replace("](plots/", "](eval/plots/").replace("](strips/", "](eval/strips/")]
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path
