@@ -299,10 +299,14 @@ def run_stage(spec: StageSpec, out: Path, state: dict[str, Any], clock: _Clock, 
         rows = [r for r in _metrics(probe) if "perf/it_per_s" in r]
         rate = float(rows[-1]["perf/it_per_s"])  # the last interval: after compilation and warm-up
         rec["probe_it_per_s"] = round(rate, 3)
-        rec["steps"] = max(spec.min_steps, int(spec.minutes * 60 * rate))
+        planned = int(spec.minutes * 60 * rate)
+        rec["steps"] = max(spec.min_steps, planned)
         shutil.rmtree(probe, ignore_errors=True)
         _save_state(out, state)
         log(f"[pipeline] {spec.name}: {rate:.2f} steps/s -> {rec['steps']} steps for {spec.minutes} min")
+        if planned < spec.min_steps:
+            log(f"[pipeline] warning: {spec.name}'s min_steps={spec.min_steps} overrides the {planned} steps that fit "
+                f"{spec.minutes} min: about {spec.min_steps / rate / 60:.1f} min")
     steps = [f"trainer.steps={rec['steps']}"] if "steps" in rec else []
     cfg = compose_experiment(spec.experiment, [*common, *steps, "checkpoint.resume=latest"])
     t0 = time.perf_counter()
