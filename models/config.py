@@ -39,6 +39,10 @@ class WorldDiTConfig:
     # What the output means (models/flow.py): "x0" the clean sample (x-prediction; measured better for
     # pixel-patch latents, benchmarks/RESULTS.md "Issue 14") or "v" the velocity eps - x0 (HunyuanVideo's).
     prediction: str = "x0"
+    # > 0 (x0 prediction only): the output is x̂0 = c_skip(σ)·x_σ + c_out(σ)·F with the EDM coefficients for this
+    # data std (models/flow.skip_x0), so a nearly clean input passes through instead of being re-predicted.
+    # Off by default: on the CPU demo it fixed low-σ denoising but made samples worse (benchmarks/RESULTS.md).
+    skip_sigma_data: float = 0.0
     # ---- HunyuanVideo-1.5's conditioning streams (all off in our presets; models/convert turns them on) ----
     # With a vision or glyph stream the text input packs three streams along its tokens:
     # [vision_tokens SigLIP slots | byt5_tokens ByT5 slots | LLM tokens], each zero-padded to text_dim

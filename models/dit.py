@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from models.attention import BACKENDS, MaskSpec
 from models.blocks import DoubleStreamBlock, FinalLayer, FrameLayout
 from models.config import WorldDiTConfig
-from models.flow import PREDICTIONS
+from models.flow import PREDICTIONS, skip_x0
 from models.embeddings import ActionEmbedder, PatchEmbed, TextEmbedder, TimestepEmbedder, unpatchify
 from models.embeddings import GlyphMapper, VisionProjection
 from models.kv_cache import KVCache, LayerKV
@@ -67,6 +67,8 @@ def validate_config(cfg: WorldDiTConfig) -> None:
         bad("head_dim", f"{cfg.head_dim} must be a multiple of 4 for the PRoPE branch (camera=True)")
     if cfg.prediction not in PREDICTIONS:
         bad("prediction", f"{cfg.prediction!r} is not one of {PREDICTIONS}")
+    if cfg.skip_sigma_data < 0 or (cfg.skip_sigma_data > 0 and cfg.prediction != "x0"):
+        bad("skip_sigma_data", f"{cfg.skip_sigma_data} needs prediction 'x0' and a value >= 0 (0 = off)")
     if cfg.attn_backend not in BACKENDS:
         bad("attn_backend", f"{cfg.attn_backend!r} is not one of {BACKENDS}")
     for f in ("latent_channels", "depth", "heads", "num_actions"):
@@ -375,6 +377,8 @@ class WorldDiT(nn.Module):
             cache.set_context(kvs, cache.context_frames + T, N, torch.cat([cache.context_t_pos, t_pos], dim=1))
             return None
         out = unpatchify(self.final(vid, vec, T, self.cfg.fuse), T, h, w, ph, pw)
+        if self.cfg.skip_sigma_data > 0:
+            out = skip_x0(out.float(), x.float(), sigma, self.cfg.skip_sigma_data)
         return out.to(x.dtype)
 
     def _embed_text(self, text: Tensor, text_mask: Tensor | None,

@@ -118,6 +118,19 @@ def output_from_x0(x0: Tensor, x_sigma: Tensor, sigma: Union[Tensor, float], pre
     return (x_sigma - x0) / s
 
 
+def skip_x0(out: Tensor, x_sigma: Tensor, sigma: Union[Tensor, float], sigma_data: float) -> Tensor:
+    """x̂0 = c_skip·x_σ + c_out·out: EDM's preconditioning (Karras et al. 2022) on the path x_σ = (1 − σ)·x0 + σ·ε.
+
+    With a = 1 − σ and data std σ_d: c_skip = a·σ_d² / (a²σ_d² + σ²) (the best linear guess of x0 from x_σ),
+    c_out = σ·σ_d / √(a²σ_d² + σ²) (the std of what is left), so the network's part has unit variance at every
+    σ and a clean input (σ = 0) passes through exactly. Latents [B, C, T, H, W]; σ scalar, [B] or [B, T].
+    """
+    s = _expand_sigma(sigma, x_sigma)
+    a, d2 = 1 - s, sigma_data ** 2
+    var = a * a * d2 + s * s
+    return (a * d2 / var) * x_sigma + (s * sigma_data / var ** 0.5) * out
+
+
 def output_from_velocity(v: Tensor, x_sigma: Tensor, sigma: Union[Tensor, float], prediction: str) -> Tensor:
     """The raw output that means velocity ``v`` at (x_σ, σ): the inverse of :func:`output_to_velocity`."""
     if check_prediction(prediction) == "v":

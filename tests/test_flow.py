@@ -195,3 +195,38 @@ def test_prediction_of_finds_the_worldDiT_inside_wrappers() -> None:
     assert prediction_of(m) == "x0" and prediction_of(Wrapper(m)) == "x0"
     with pytest.raises(ValueError, match="cannot tell"):
         prediction_of(torch.nn.Linear(2, 2))
+
+
+def test_skip_x0_passes_clean_inputs_through_and_keeps_unit_variance_residuals() -> None:
+    from models.flow import skip_x0
+
+    x0, eps = _latents(1)
+    x0 = 0.5 * x0  # data std 0.5, the coefficient's sigma_data
+    sigma = torch.tensor([[0.0, 0.05, 0.3, 0.7, 1.0]] * 2, dtype=torch.float64)
+    xs = add_noise(x0, eps, sigma)
+    zero = skip_x0(torch.zeros_like(x0), xs, sigma, 0.5)
+    assert torch.equal(zero[:, :, 0], x0[:, :, 0])  # sigma 0: the input itself, whatever the network says
+    assert zero[:, :, 4].abs().max() == 0  # sigma 1: nothing of the noise is kept
+    # The network's part that makes x̂0 exact has unit variance at every sigma (EDM's c_out).
+    c_out = skip_x0(torch.ones_like(x0), xs, sigma, 0.5) - zero
+    needed = (x0 - zero)[:, :, 1:] / c_out[:, :, 1:]
+    assert 0.8 < float(needed.std()) < 1.2
+
+
+def test_skip_preconditioning_makes_a_fresh_model_the_identity_on_clean_latents() -> None:
+    from models.config import preset
+    from models.dit import WorldDiT
+    from tests.model_helpers import randomize
+
+    cfg = preset("tiny")
+    cfg.skip_sigma_data = 0.5
+    m = randomize(WorldDiT(cfg)).eval()
+    x = torch.randn(1, cfg.latent_channels, 4, 4, 4)
+    sigma = torch.tensor([[0.0, 0.0, 0.5, 1.0]])
+    with torch.no_grad():
+        out = m(x, sigma, actions=torch.zeros(1, 4, dtype=torch.long), chunk_size=4)
+    assert torch.allclose(out[:, :, :2], x[:, :, :2], atol=1e-6)
+    assert not torch.allclose(out[:, :, 2:], x[:, :, 2:], atol=1e-2)  # noisy latents are the network's work
+    cfg.prediction = "v"  # the skip builds x̂0: it has no meaning for a velocity output
+    with pytest.raises(ValueError, match="skip_sigma_data"):
+        WorldDiT(cfg)
