@@ -490,3 +490,22 @@ def test_evaluation_cut_off_reports_the_rows_it_finished(bundles, data_dir, tmp_
     names = [b["name"] for b in report["bundles"]]
     assert len(names) == 1 and len(list((out / "rows").iterdir())) == 1
     assert "run_b" not in (out / "report.md").read_text()
+
+
+def test_denoising_diagnostic_scores_each_sigma_and_each_sampler_call(bundles, data_dir, tmp_path) -> None:
+    from eval.denoising import diagnose, format_report, main
+
+    model = VideoModel.from_bundle(bundles[0])
+    result = diagnose(model, data_dir, num=2, sigmas=[0.05, 0.5, 1.0])
+    tf, sp = result["teacher_forced"], result["sampler"]
+    assert result["clips"] == 2 and tf["sigma"] == [0.05, 0.5, 1.0]
+    assert tf["noisy_input"][0] > tf["noisy_input"][1] > tf["noisy_input"][2]  # more noise, further from the truth
+    assert len(set(tf["held"])) == 1 and all(math.isfinite(v) for v in tf["x0_hat"])
+    steps = model.settings.rollout.steps
+    assert len(sp["sigma"]) == steps and sp["sigma"][0] == 1.0 and sp["sigma"] == sorted(sp["sigma"], reverse=True)
+    assert "| 0.05 |" in format_report(result)
+    with pytest.raises(ValueError, match="sigmas must lie in"):
+        diagnose(model, data_dir, num=1, sigmas=[0.0])
+    assert main(["--bundle", str(bundles[0]), "--data", str(data_dir), "--num", "1", "--sigmas", "0.1,1",
+                 "--json", str(tmp_path / "d.json")]) == 0
+    assert json.loads((tmp_path / "d.json").read_text())["teacher_forced"]["sigma"] == [0.1, 1.0]
