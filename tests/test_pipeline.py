@@ -35,7 +35,7 @@ stages:
       - stage.curriculum=[[0,24]]
 {stage_over}
 eval: {{num: 2, protocols: 'short,control', short_latents: 8, control_latents: 8, minutes: 0.1,
-        variants: ['nomem'], variant_stages: [midtrain]}}
+        variants: ['nomem'], variant_stages: [midtrain], denoising_clips: 1}}
 """
     path = tmp_path / "tiny.yaml"
     path.write_text(text)
@@ -60,8 +60,9 @@ def test_pipeline_stops_on_its_budget_resumes_and_reports(tmp_path, monkeypatch)
         assert row in report, row
     assert "| pretrain+nomem |" not in report  # variants only for the stages named
     assert "## Training curves" in report and (out / "plots" / "midtrain_loss.png").is_file()
+    assert "## Where frames lose the scene" in report and "### Denoising diagnostic: midtrain" in report
     exported = sorted(p.name for p in (tmp_path / "export").iterdir())
-    assert exported == ["eval_report.json", "pipeline.json", "report.md", "report.tar.gz"]
+    assert exported == ["denoising.json", "eval_report.json", "pipeline.json", "report.md", "report.tar.gz"]
     # A third run does nothing again: every phase is recorded as done.
     before = (out / "pretrain" / "metrics.jsonl").stat().st_mtime_ns
     assert run_pipeline(load_pipeline(str(path)), log=lambda *_: None) == 0

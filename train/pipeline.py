@@ -104,6 +104,7 @@ class EvalSpec:
     control_latents: int = 16
     variants: list[str] = field(default_factory=list)  # NAME:KEY=VALUE[,KEY=VALUE] (eval --variant)
     variant_stages: list[str] = field(default_factory=list)  # stages the variants apply to (empty: all evaluated)
+    denoising_clips: int = 0  # > 0: also the denoising diagnostic (python -m eval.denoising) of each stage's bundle
     minutes: float = 2.0  # expected duration: not started with less time left under stop_after
 
 
@@ -355,9 +356,29 @@ def run_eval(cfg: PipelineConfig, out: Path, state: dict[str, Any], clock: _Cloc
         if partial.exists():  # the rows finished before the time budget ran out, reported as such
             state["eval"] = {"partial": str(partial), "seconds": round(time.perf_counter() - t0, 1)}
         raise
-    state["eval"] = {"done": True, "report": str(files.markdown), "json": str(files.json),
+    diagnostic = None
+    if e.denoising_clips > 0:
+        diagnostic = str(run_denoising(names, [state["stages"][n]["bundle"] for n in names], out, pcfg, e.denoising_clips))
+    state["eval"] = {"done": True, "report": str(files.markdown), "json": str(files.json), "denoising": diagnostic,
                      "seconds": round(time.perf_counter() - t0, 1), "signature": signature}
     _save_state(out, state)
+
+
+def run_denoising(names: list[str], bundles: list[str], out: Path, pcfg: Any, clips: int) -> Path:
+    """The denoising diagnostic of each bundle (eval/denoising.py) -> ``out/eval/denoising.{md,json}``."""
+    from eval.denoising import diagnose, format_report
+    from eval.protocols import VideoModel
+
+    results, md = {}, []
+    for name, bundle in zip(names, bundles):
+        model = VideoModel.from_bundle(bundle, device=pcfg.device, dtype=pcfg.dtype, steps=pcfg.steps, name=name)
+        results[name] = diagnose(model, out / "heldout", clips, seed=pcfg.seed)
+        md.append(format_report(results[name]).replace("# Denoising diagnostic", "### Denoising diagnostic", 1))
+        del model
+    (out / "eval" / "denoising.json").write_text(json.dumps(results, indent=1))
+    path = out / "eval" / "denoising.md"
+    path.write_text("\n".join(md))
+    return path
 
 
 def write_summary(cfg: PipelineConfig, out: Path, state: dict[str, Any]) -> Path:
@@ -384,6 +405,11 @@ def write_summary(cfg: PipelineConfig, out: Path, state: dict[str, Any]) -> Path
         title = f"## Evaluation ({state['eval']['seconds']} s)" if done else \
             f"## Evaluation, cut off by the time budget after {state['eval']['seconds']} s (the rows finished so far)"
         md += ["", title, "", body.replace("](plots/", "](eval/plots/").replace("](strips/", "](eval/strips/")]
+    if done and state["eval"].get("denoising"):
+        md += ["", "## Where frames lose the scene (`python -m eval.denoising`)", "",
+               "Teacher-forced: a chunk's x̂0 at each σ after a clean chunk, against the noisy input and the first "
+               "frame held still; sampler: the x̂0 of each call on the first chunk (eval/README.md).", "",
+               Path(state["eval"]["denoising"]).read_text()]
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path
@@ -416,7 +442,7 @@ def export_report(out: Path, dest: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     files = []
     for src, name in ((out / "report.md", "report.md"), (out / "pipeline.json", "pipeline.json"),
-                      (out / "eval" / "report.json", "eval_report.json")):
+                      (out / "eval" / "report.json", "eval_report.json"), (out / "eval" / "denoising.json", "denoising.json")):
         if src.exists():
             files.append(Path(shutil.copy(src, dest / name)))
     tar = dest / "report.tar.gz"
