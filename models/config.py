@@ -30,6 +30,7 @@ class WorldDiTConfig:
     text_refiner_depth: int = 1  # self-attention refiner blocks on text tokens before the double blocks
     action: bool = True  # discrete 81-class action embedding added to the per-frame time embedding
     camera: bool = True  # PRoPE branch (continuous camera)
+    rays: bool = False  # per-token Plücker rays of each latent's camera added to the video tokens (models.embeddings.RayEmbed)
     num_actions: int = 81
     qk_norm: bool = True  # RMSNorm on q and k per head
     qkv_bias: bool = True

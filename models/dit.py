@@ -41,7 +41,7 @@ from models.attention import BACKENDS, MaskSpec
 from models.blocks import DoubleStreamBlock, FinalLayer, FrameLayout
 from models.config import WorldDiTConfig
 from models.flow import PREDICTIONS, skip_x0
-from models.embeddings import ActionEmbedder, PatchEmbed, TextEmbedder, TimestepEmbedder, unpatchify
+from models.embeddings import ActionEmbedder, PatchEmbed, RayEmbed, TextEmbedder, TimestepEmbedder, unpatchify
 from models.embeddings import GlyphMapper, VisionProjection
 from models.kv_cache import KVCache, LayerKV
 from models.prope import identity_cameras, projection_matrices
@@ -112,6 +112,7 @@ class WorldDiT(nn.Module):
         self.patch_embed = PatchEmbed(self.in_channels, cfg.hidden, ph, pw)
         self.time_embed = TimestepEmbedder(cfg.hidden)
         self.action_embed = ActionEmbedder(cfg.hidden, cfg.num_actions) if cfg.action else None
+        self.ray_embed = RayEmbed(cfg.hidden) if cfg.rays else None
         self.text_embed = (
             TextEmbedder(cfg.text_dim, cfg.hidden, cfg.heads, cfg.text_refiner_depth, cfg.mlp_ratio, cfg.qkv_bias,
                          time=cfg.text_refiner_time)
@@ -150,7 +151,7 @@ class WorldDiT(nn.Module):
         for emb in embedders:
             nn.init.normal_(emb.mlp[0].weight, std=0.02)
             nn.init.normal_(emb.mlp[2].weight, std=0.02)
-        zero = [self.final.mod, self.final.linear]
+        zero = [self.final.mod, self.final.linear] + ([self.ray_embed.proj] if self.ray_embed is not None else [])
         if self.action_embed is not None:
             zero.append(self.action_embed.mlp[2])
         for blk in self.blocks:
@@ -225,6 +226,13 @@ class WorldDiT(nn.Module):
         if w2c is None:
             return identity_cameras(B, T, device)
         return projection_matrices(w2c, K)
+
+    def _ray_cameras(self, B: int, T: int, w2c: Tensor | None, K: Tensor | None, device) -> tuple[Tensor, Tensor]:
+        """(w2c, K) for the ray embedding: the given cameras, or the null camera (identity pose, 90° view)."""
+        if w2c is not None:
+            return w2c, K
+        K0 = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]], device=device)
+        return torch.eye(4, device=device).expand(B, T, 4, 4), K0.expand(B, T, 3, 3)
 
     def _text_vec(self, B: int, device: torch.device, sigma: Tensor | None = None) -> Tensor:
         """Text-stream modulation [B, D]: the time embedding at sigma = 0, independent of the video (or at
@@ -320,6 +328,8 @@ class WorldDiT(nn.Module):
             ar = torch.arange(T, device=dev)
             t_pos = ar.expand(B, T) if base is None else base[:, None] + ar
         vid = self.patch_embed(self._input(x, image_latent, cond_mask, t_pos))
+        if self.ray_embed is not None:
+            vid = vid + self.ray_embed(*self._ray_cameras(B, T, w2c, K, dev), h, w)
         vec = self._frame_vec(sigma, actions)
         cos, sin = rope_tables(t_pos, h, w, self.cfg.rope_dims, self.cfg.rope_theta)
         P, P_inv = self._cameras(B, T, w2c, K, dev)

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from data.geometry import invert_rigid
 from models.attention import MaskSpec, attention
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "TextEmbedder",
     "VisionProjection",
     "GlyphMapper",
+    "plucker_rays",
+    "RayEmbed",
 ]
 
 FREQ_DIM = 256
@@ -91,6 +94,38 @@ class PatchEmbed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x [B, C_in, T, H, W] -> tokens [B, T*h*w, hidden] (in the weights' dtype)."""
         return self.proj(patchify(x.to(self.proj.weight.dtype), self.ph, self.pw))
+
+
+def plucker_rays(w2c: Tensor, K: Tensor, h: int, w: int) -> Tensor:
+    """Plücker coordinates (d, o × d) [B, T*h*w, 6] of the rays through the centres of an h×w token grid.
+
+    w2c [B, T, 4, 4] world-to-camera; K [B, T, 3, 3] normalised intrinsics (fx/W, cx/W, ...: data.geometry).
+    d is the unit world direction, o the camera centre; tokens ordered (t, h, w) as :func:`patchify`.
+    """
+    B, T = w2c.shape[:2]
+    c2w = invert_rigid(w2c.float())
+    K = K.float()
+    v, u = torch.meshgrid((torch.arange(h, device=w2c.device) + 0.5) / h,
+                          (torch.arange(w, device=w2c.device) + 0.5) / w, indexing="ij")
+    x = (u.reshape(1, 1, -1) - K[..., 0, 2, None]) / K[..., 0, 0, None]  # [B, T, N]
+    y = (v.reshape(1, 1, -1) - K[..., 1, 2, None]) / K[..., 1, 1, None]
+    d_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)  # [B, T, N, 3]
+    d = F.normalize(d_cam @ c2w[..., :3, :3].transpose(-1, -2), dim=-1)
+    o = c2w[..., None, :3, 3].expand_as(d)
+    return torch.cat([d, torch.cross(o, d, dim=-1)], dim=-1).reshape(B, T * h * w, 6)
+
+
+class RayEmbed(nn.Module):
+    """Per-token camera rays (Plücker coordinates, CameraCtrl-style) projected to the hidden width and added
+    to the video tokens: where each token looks, in the first frame's world, as a dense input. Zero at init."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(6, hidden)
+
+    def forward(self, w2c: Tensor, K: Tensor, h: int, w: int) -> Tensor:
+        """[B, T*h*w, hidden] in the weights' dtype."""
+        return self.proj(plucker_rays(w2c, K, h, w).to(self.proj.weight.dtype))
 
 
 class TextRefinerBlock(nn.Module):

@@ -461,3 +461,39 @@ def test_gpu_fused_chains_match_eager():
     torch.testing.assert_close(steps[True], outs[True][:, :, 4:], atol=1e-4, rtol=1e-4)
     for n, g in grads[False].items():
         torch.testing.assert_close(grads[True][n], g, atol=2e-2, rtol=5e-2)
+
+
+def test_plucker_rays_are_unit_directions_with_orthogonal_moments_in_the_first_frames_world() -> None:
+    from models.embeddings import plucker_rays
+
+    K = torch.tensor([[0.8, 0.0, 0.5], [0.0, 0.8, 0.5], [0.0, 0.0, 1.0]]).expand(1, 2, 3, 3)
+    c2w = torch.eye(4).repeat(1, 2, 1, 1)
+    c2w[0, 1, :3, 3] = torch.tensor([1.0, 0.0, 0.0])  # the second camera one unit to the right
+    rays = plucker_rays(invert_rigid(c2w), K, 2, 2).view(2, 4, 6)
+    d, m = rays[..., :3], rays[..., 3:]
+    assert torch.allclose(d.norm(dim=-1), torch.ones(2, 4), atol=1e-6)
+    assert torch.allclose((d * m).sum(-1), torch.zeros(2, 4), atol=1e-6)
+    assert torch.allclose(m[0], torch.zeros(4, 6)[:, :3]) and torch.allclose(d[0], d[1])  # same view, moved
+    # top-left token of a 2x2 grid looks up-left: x and y negative, z forward
+    assert bool((d[0, 0, :2] < 0).all()) and d[0, 0, 2] > 0
+
+
+def test_ray_embedding_is_zero_at_init_and_then_reads_the_cameras() -> None:
+    cfg = replace(preset("tiny"), text_dim=0)
+    base = WorldDiT(cfg).eval()
+    with_rays = WorldDiT(replace(cfg, rays=True)).eval()
+    with_rays.load_state_dict(base.state_dict(), strict=False)
+    x = torch.randn(1, cfg.latent_channels, 4, 4, 4)
+    sigma = torch.full((1, 4), 0.5)
+    w2c = torch.eye(4).repeat(1, 4, 1, 1)
+    w2c[0, :, 0, 3] = torch.arange(4.0)
+    K = torch.tensor([[0.8, 0.0, 0.5], [0.0, 0.8, 0.5], [0.0, 0.0, 1.0]]).expand(1, 4, 3, 3)
+    kw = dict(actions=torch.zeros(1, 4, dtype=torch.long), w2c=w2c, K=K, chunk_size=4)
+    randomize(base, 0, skip=())
+    with_rays.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        torch.nn.init.zeros_(with_rays.ray_embed.proj.weight)
+        assert torch.equal(base(x, sigma, **kw), with_rays(x, sigma, **kw))  # zero projection: the same function
+        torch.nn.init.normal_(with_rays.ray_embed.proj.weight, std=0.5)
+        moved = dict(kw, w2c=torch.eye(4).repeat(1, 4, 1, 1))
+        assert not torch.allclose(with_rays(x, sigma, **kw), with_rays(x, sigma, **moved))

@@ -98,6 +98,12 @@ def test_bad_pipelines_fail_with_the_reason(tmp_path):
         load_pipeline(str(bad))
     assert load_pipeline("gpu_small").stages[1].init == "pretrain"  # the shipped pipelines load
     assert load_pipeline("demo").eval.num >= 8
+    # The GPU ablation's stages differ in one model choice each, and their overrides compose.
+    from train.pipeline import compose_experiment
+
+    ablate = {s.name: compose_experiment(s.experiment, s.overrides).model for s in load_pipeline("gpu_ablate").stages}
+    assert (ablate["x0"].skip_sigma_data, ablate["x0"].rays) == (0.0, False)
+    assert ablate["skip"].skip_sigma_data == 0.5 and ablate["rays"].rays
 
 
 def test_a_pipeline_extends_another_by_appending_stages(tmp_path):
