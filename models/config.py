@@ -30,7 +30,9 @@ class WorldDiTConfig:
     text_refiner_depth: int = 1  # self-attention refiner blocks on text tokens before the double blocks
     action: bool = True  # discrete 81-class action embedding added to the per-frame time embedding
     camera: bool = True  # PRoPE branch (continuous camera)
-    rays: bool = False  # per-token Plücker rays of each latent's camera added to the video tokens (models.embeddings.RayEmbed)
+    # Per-token Plücker rays of each latent's camera added to the video tokens (models.embeddings.RayEmbed). Off by
+    # default: on the CPU demo it lowered the loss and did not improve the videos (benchmarks/RESULTS.md, issue 14).
+    rays: bool = False
     num_actions: int = 81
     qk_norm: bool = True  # RMSNorm on q and k per head
     qkv_bias: bool = True
