@@ -30,6 +30,11 @@ class WorldDiTConfig:
     text_refiner_depth: int = 1  # self-attention refiner blocks on text tokens before the double blocks
     action: bool = True  # discrete 81-class action embedding added to the per-frame time embedding
     camera: bool = True  # PRoPE branch (continuous camera)
+    # The I2V channels of every latent carry the image turned into that latent's camera (models/warp.py): "off"
+    # (the image at its own slot only), "patch" (RGB pixel-patch latents, resampled in pixels) or "latent" (VAE
+    # latents, resampled on the latent grid). On the CPU demo "patch" gave +2.7 dB short PSNR and 12x the control
+    # score (benchmarks/RESULTS.md, issue 14).
+    image_warp: str = "off"
     # Per-token Plücker rays of each latent's camera added to the video tokens (models.embeddings.RayEmbed). Off by
     # default: on the CPU demo it lowered the loss and did not improve the videos (benchmarks/RESULTS.md, issue 14).
     rays: bool = False

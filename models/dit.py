@@ -41,6 +41,7 @@ from models.attention import BACKENDS, MaskSpec
 from models.blocks import DoubleStreamBlock, FinalLayer, FrameLayout
 from models.config import WorldDiTConfig
 from models.flow import PREDICTIONS, skip_x0
+from models.warp import check_image_warp, warp_into_cameras
 from models.embeddings import ActionEmbedder, PatchEmbed, RayEmbed, TextEmbedder, TimestepEmbedder, unpatchify
 from models.embeddings import GlyphMapper, VisionProjection
 from models.kv_cache import KVCache, LayerKV
@@ -67,6 +68,12 @@ def validate_config(cfg: WorldDiTConfig) -> None:
         bad("head_dim", f"{cfg.head_dim} must be a multiple of 4 for the PRoPE branch (camera=True)")
     if cfg.prediction not in PREDICTIONS:
         bad("prediction", f"{cfg.prediction!r} is not one of {PREDICTIONS}")
+    try:
+        check_image_warp(cfg.image_warp, cfg.latent_channels)
+    except ValueError as e:
+        raise ValueError(f"WorldDiTConfig: {e}") from None
+    if cfg.image_warp != "off" and not cfg.i2v:
+        bad("image_warp", "needs i2v (the image channels it fills)")
     if cfg.skip_sigma_data < 0 or (cfg.skip_sigma_data > 0 and cfg.prediction != "x0"):
         bad("skip_sigma_data", f"{cfg.skip_sigma_data} needs prediction 'x0' and a value >= 0 (0 = off)")
     if cfg.attn_backend not in BACKENDS:
@@ -199,8 +206,18 @@ class WorldDiT(nn.Module):
         if w2c is not None and K is None and self.cfg.camera:
             raise ValueError("WorldDiT: w2c given without K (normalised intrinsics [B, T, 3, 3])")
 
-    def _input(self, x: Tensor, image_latent: Tensor | None, cond_mask: Tensor | None, t_pos: Tensor) -> Tensor:
-        """[noisy C, cond C, mask 1] channels (I2V) or x itself."""
+    def _image_views(self, image_latent: Tensor | None, T: int, w2c: Tensor | None, K: Tensor | None) -> Tensor | None:
+        """With ``image_warp``: the image as each latent's camera sees it [B, C, T, h, w] (models/warp.py)."""
+        if self.cfg.image_warp == "off" or image_latent is None:
+            return None
+        if w2c is None:  # no cameras (the null input): every latent sees the image as it is
+            return image_latent[:, :, None].expand(-1, -1, T, -1, -1)
+        return warp_into_cameras(image_latent, w2c, K, self.cfg.image_warp)
+
+    def _input(self, x: Tensor, image_latent: Tensor | None, cond_mask: Tensor | None,
+               views: Tensor | None = None) -> Tensor:
+        """[noisy C, cond C, mask 1] channels (I2V) or x itself. cond is the image at its slot, or with
+        ``views`` [B, C, T, h, w] (image_warp) the image seen from every latent's camera."""
         if not self.cfg.i2v:
             return x
         B, C, T, H, W = x.shape
@@ -208,7 +225,7 @@ class WorldDiT(nn.Module):
             zeros = x.new_zeros(B, C + 1, T, H, W)
             return torch.cat([x, zeros], dim=1)
         m = cond_mask.bool().to(x.dtype)[:, None, :, None, None]  # [B, 1, T, 1, 1]
-        cond = image_latent.to(x.dtype)[:, :, None] * m
+        cond = image_latent.to(x.dtype)[:, :, None] * m if views is None else views.to(x.dtype)
         return torch.cat([x, cond, m.expand(B, 1, T, H, W)], dim=1)
 
     def _frame_vec(self, sigma: Tensor, actions: Tensor | None) -> Tensor:
@@ -327,7 +344,7 @@ class WorldDiT(nn.Module):
             base = cache.next_t_pos() if (cache is not None and fill is None) else None
             ar = torch.arange(T, device=dev)
             t_pos = ar.expand(B, T) if base is None else base[:, None] + ar
-        vid = self.patch_embed(self._input(x, image_latent, cond_mask, t_pos))
+        vid = self.patch_embed(self._input(x, image_latent, cond_mask, self._image_views(image_latent, T, w2c, K)))
         if self.ray_embed is not None:
             vid = vid + self.ray_embed(*self._ray_cameras(B, T, w2c, K, dev), h, w)
         vec = self._frame_vec(sigma, actions)

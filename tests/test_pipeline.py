@@ -102,8 +102,7 @@ def test_bad_pipelines_fail_with_the_reason(tmp_path):
     from train.pipeline import compose_experiment
 
     ablate = {s.name: compose_experiment(s.experiment, s.overrides).model for s in load_pipeline("gpu_ablate").stages}
-    assert (ablate["x0"].skip_sigma_data, ablate["x0"].rays) == (0.0, False)
-    assert ablate["skip"].skip_sigma_data == 0.5 and ablate["rays"].rays
+    assert ablate["x0"].image_warp == "off" and ablate["warp"].image_warp == ablate["warp_mid"].image_warp == "patch"
 
 
 def test_a_pipeline_extends_another_by_appending_stages(tmp_path):

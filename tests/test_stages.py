@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -241,3 +242,21 @@ def test_init_from_a_bundle_of_another_shape_names_the_differing_values(tmp_path
     msg = str(e.value)
     assert "hidden (bundle 96, run 48), heads (bundle 6, run 3)" in msg and "add model.hidden=96 model.heads=6" in msg
     assert "size mismatch" not in msg and len(msg.splitlines()) == 1
+
+
+def test_init_from_a_bundle_that_reads_its_weights_differently_is_refused(tmp_path):
+    from models.autoencoders import AutoencoderConfig
+    from models.bundle import save_bundle
+    from models.dit import WorldDiT
+    from models.text_encoders import TextEncoderConfig
+    from omegaconf import OmegaConf
+    from train.stage import StageContext
+    from train.stages.pretrain import Pretrain
+
+    cfg = OmegaConf.to_object(cfg_for("demo", f"init={tmp_path / 'bundle'}"))
+    bundle_cfg = dataclasses.replace(cfg.model, image_warp="patch")  # same tensors, another function of them
+    save_bundle(tmp_path / "bundle", WorldDiT(bundle_cfg), model_cfg=bundle_cfg, autoencoder_cfg=AutoencoderConfig(kind="patch", patch_size=4),
+                text_encoder_cfg=TextEncoderConfig(kind="none"), sampling={}, meta={"stage": "pretrain"})
+    ctx = StageContext(device=torch.device("cpu"), rank=0, world_size=1, seed=0, out_dir=tmp_path, compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"image_warp \(bundle 'patch', run 'off'\).*add model.image_warp=patch"):
+        Pretrain(cfg).build(ctx)

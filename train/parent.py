@@ -34,13 +34,26 @@ def _override(key: str, value: Any) -> str:
     return f"model.{key}={str(value).lower() if isinstance(value, bool) else value}"
 
 
+# Model config values that change what the weights compute without changing their shapes: a run that starts
+# from a bundle must agree with it on these, or it would train a different function from the same tensors.
+FUNCTION_KEYS = ("prediction", "skip_sigma_data", "image_warp")
+
+
 def init_from_bundle(model: nn.Module, model_cfg: Any, path: str | Path) -> Bundle:
     """Load the bundle at ``path`` into ``model`` (strict); return the loaded bundle (meta, sampling, model).
 
     Raises ValueError naming the differing model config values (bundle vs run) and the overrides
-    that match the bundle, when the bundle's weights do not fit ``model``.
+    that match the bundle, when the bundle's weights do not fit ``model`` or when a value of
+    FUNCTION_KEYS differs.
     """
     path = Path(path)
+    meaning = {k: v for k, v in model_config_differences(read_bundle_config(path)["model"], model_cfg).items()
+               if k in FUNCTION_KEYS}
+    if meaning:
+        listed = ", ".join(f"{k} (bundle {b!r}, run {r!r})" for k, (b, r) in meaning.items())
+        fix = " ".join(_override(k, b) for k, (b, _) in meaning.items())
+        raise ValueError(f"init={path}: the run reads the bundle's weights differently: {listed}. "
+                         f"Train with the bundle's model: add {fix}")
     parent = load_bundle(path, load_autoencoder=False, load_text_encoder=False)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in parent.model.state_dict().items()}
