@@ -30,6 +30,7 @@ __all__ = [
     "normalize_intrinsics",
     "make_intrinsics",
     "project",
+    "pixel_rays",
     "camera_center",
     "camera_forward",
 ]
@@ -138,6 +139,17 @@ def normalize_intrinsics(K: Tensor, width: int, height: int) -> Tensor:
     out[..., 1, :] = out[..., 1, :] / height
     out[..., 2, :] = K[..., 2, :]
     return out
+
+
+def pixel_rays(K: Tensor, height: int, width: int) -> Tensor:
+    """Camera-frame rays (x, y, 1) [..., height*width, 3] through the centres of a height×width grid, row-major,
+    for normalised intrinsics K [..., 3, 3] (:func:`normalize_intrinsics`)."""
+    K = K.float()
+    v, u = torch.meshgrid((torch.arange(height, device=K.device) + 0.5) / height,
+                          (torch.arange(width, device=K.device) + 0.5) / width, indexing="ij")
+    x = (u.reshape(-1) - K[..., 0, 2, None]) / K[..., 0, 0, None]
+    y = (v.reshape(-1) - K[..., 1, 2, None]) / K[..., 1, 1, None]
+    return torch.stack([x, y, torch.ones_like(x)], dim=-1)
 
 
 def project(K: Tensor, w2c: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:

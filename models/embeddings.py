@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from data.geometry import invert_rigid
+from data.geometry import invert_rigid, pixel_rays
 from models.attention import MaskSpec, attention
 
 __all__ = [
@@ -104,13 +104,7 @@ def plucker_rays(w2c: Tensor, K: Tensor, h: int, w: int) -> Tensor:
     """
     B, T = w2c.shape[:2]
     c2w = invert_rigid(w2c.float())
-    K = K.float()
-    v, u = torch.meshgrid((torch.arange(h, device=w2c.device) + 0.5) / h,
-                          (torch.arange(w, device=w2c.device) + 0.5) / w, indexing="ij")
-    x = (u.reshape(1, 1, -1) - K[..., 0, 2, None]) / K[..., 0, 0, None]  # [B, T, N]
-    y = (v.reshape(1, 1, -1) - K[..., 1, 2, None]) / K[..., 1, 1, None]
-    d_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)  # [B, T, N, 3]
-    d = F.normalize(d_cam @ c2w[..., :3, :3].transpose(-1, -2), dim=-1)
+    d = F.normalize(pixel_rays(K, h, w) @ c2w[..., :3, :3].transpose(-1, -2), dim=-1)  # [B, T, N, 3]
     o = c2w[..., None, :3, 3].expand_as(d)
     return torch.cat([d, torch.cross(o, d, dim=-1)], dim=-1).reshape(B, T * h * w, 6)
 

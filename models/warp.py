@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from data.geometry import pixel_rays
+
 __all__ = ["IMAGE_WARPS", "check_image_warp", "warp_into_cameras"]
 
 IMAGE_WARPS = ("off", "patch", "latent")
@@ -47,11 +49,7 @@ def _source_grid(w2c: Tensor, K: Tensor, H: int, W: int) -> Tensor:
     """grid_sample coordinates [B*T, H, W, 2] in the image for every pixel of every latent's camera."""
     B, T = w2c.shape[:2]
     K = K.float()
-    v, u = torch.meshgrid((torch.arange(H, device=w2c.device) + 0.5) / H,
-                          (torch.arange(W, device=w2c.device) + 0.5) / W, indexing="ij")
-    x = (u.reshape(1, 1, -1) - K[..., 0, 2, None]) / K[..., 0, 0, None]  # [B, T, N]
-    y = (v.reshape(1, 1, -1) - K[..., 1, 2, None]) / K[..., 1, 1, None]
-    d_t = torch.stack([x, y, torch.ones_like(x)], dim=-1)  # ray in latent t's camera
+    d_t = pixel_rays(K, H, W)  # [B, T, N, 3] rays in latent t's camera
     d_img = d_t @ w2c.float()[..., :3, :3]  # Rᵀ·d as row vectors: the same ray in the image's camera
     z = d_img[..., 2]
     ahead = z > 1e-4
