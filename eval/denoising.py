@@ -113,8 +113,10 @@ def diagnose(model: VideoModel, data: str | Path, num: int = 4, sigmas: Sequence
                              "sampler": _sampler(model, *tensors, seed + i)})
     finally:
         model.model.train(was_training)
-    mean = lambda key, field: [float(np.mean([c[key][k][field] for c in per_clip]))  # noqa: E731
-                               for k in range(len(per_clip[0][key]))]
+
+    def mean(key: str, field: str) -> list[float]:  # over clips, per σ / per sampler call
+        return [float(np.mean([c[key][k][field] for c in per_clip])) for k in range(len(per_clip[0][key]))]
+
     return {
         "bundle": model.name, "clips": len(per_clip), "unit": model.unit,
         "teacher_forced": {"sigma": list(map(float, sigmas)), "x0_hat": mean("teacher_forced", "x0_hat"),
